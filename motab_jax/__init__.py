@@ -1,0 +1,6 @@
+"""motab-jax: MOTAB reasoning distillation (monitor, backtrack, stitch) in JAX/Flax."""
+
+from motab_jax.models import Decoder, KVCache, MeshConfig, ModelConfig, export_hf, load, make_mesh
+
+__version__ = "0.1.0"
+__all__ = ["Decoder", "KVCache", "MeshConfig", "ModelConfig", "export_hf", "load", "make_mesh"]

@@ -1,0 +1,297 @@
+"""The decoder-only transformer (Llama 3.x, SmolLM2, Qwen2/2.5, Qwen3) as a Flax NNX module.
+
+Parameters are declared once in `PARAM_TABLE` (name, logical axes, initialiser, presence rule); the
+shape of every parameter follows from its logical axes, layer parameters are stacked along a leading
+"layers" axis, and the forward pass runs the layers under `lax.scan`. The same table drives random
+initialisation, sharding, checkpoint loading and export.
+
+Calling conventions (all return float32 logits):
+- `model(tokens, positions=None, segment_ids=None)` -> [B, T, V]: full forward, no cache (training,
+  scoring; packed inputs via segment ids and per-segment positions).
+- `model.extend(tokens, cache, num_valid=None, logits="all")` -> (logits, cache): run T new tokens of
+  every sequence at that sequence's own position `cache.lengths[b]`, write their keys/values and advance
+  the lengths by `num_valid` (default T). This one entry point is prefill (ragged: `num_valid` = prompt
+  lengths, `logits="last"`), decode (T = 1) and chunk scoring (T = k). Rewind with `cache.rewind`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from motab_jax.models.attention import AttentionMask, attention
+from motab_jax.models.config import ModelConfig
+from motab_jax.models.kv_cache import KVCache
+from motab_jax.models.sharding import LogicalAxes
+
+Init = Literal["normal", "ones", "zeros"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamSpec:
+    name: str  # "embed", "final_norm", "lm_head" or "layers.<name>"
+    axes: LogicalAxes
+    init: Init = "normal"
+    present: Callable[[ModelConfig], bool] = lambda cfg: True
+
+
+PARAM_TABLE: tuple[ParamSpec, ...] = (
+    ParamSpec("embed", ("vocab", "embed")),
+    ParamSpec("layers.attn_norm", ("layers", "embed"), "ones"),
+    ParamSpec("layers.wq", ("layers", "embed", "heads", "head_dim")),
+    ParamSpec("layers.wk", ("layers", "embed", "kv_heads", "head_dim")),
+    ParamSpec("layers.wv", ("layers", "embed", "kv_heads", "head_dim")),
+    ParamSpec("layers.bq", ("layers", "heads", "head_dim"), "zeros", lambda c: c.qkv_bias),
+    ParamSpec("layers.bk", ("layers", "kv_heads", "head_dim"), "zeros", lambda c: c.qkv_bias),
+    ParamSpec("layers.bv", ("layers", "kv_heads", "head_dim"), "zeros", lambda c: c.qkv_bias),
+    ParamSpec("layers.q_norm", ("layers", "head_dim"), "ones", lambda c: c.qk_norm),
+    ParamSpec("layers.k_norm", ("layers", "head_dim"), "ones", lambda c: c.qk_norm),
+    ParamSpec("layers.wo", ("layers", "heads", "head_dim", "embed")),
+    ParamSpec("layers.bo", ("layers", "embed"), "zeros", lambda c: c.o_bias),
+    ParamSpec("layers.mlp_norm", ("layers", "embed"), "ones"),
+    ParamSpec("layers.w_gate", ("layers", "embed", "mlp")),
+    ParamSpec("layers.w_up", ("layers", "embed", "mlp")),
+    ParamSpec("layers.w_down", ("layers", "mlp", "embed")),
+    ParamSpec("layers.b_gate", ("layers", "mlp"), "zeros", lambda c: c.mlp_bias),
+    ParamSpec("layers.b_up", ("layers", "mlp"), "zeros", lambda c: c.mlp_bias),
+    ParamSpec("layers.b_down", ("layers", "embed"), "zeros", lambda c: c.mlp_bias),
+    ParamSpec("final_norm", ("embed",), "ones"),
+    ParamSpec("lm_head", ("embed", "vocab"), "normal", lambda c: not c.tie_word_embeddings),
+)
+
+
+def axis_sizes(cfg: ModelConfig) -> dict[str, int]:
+    return {"vocab": cfg.vocab_size, "embed": cfg.hidden_size, "heads": cfg.num_heads,
+            "kv_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim, "mlp": cfg.intermediate_size,
+            "layers": cfg.num_layers}
+
+
+def param_specs(cfg: ModelConfig) -> dict[str, ParamSpec]:
+    """The parameters `cfg` has, by name."""
+    return {spec.name: spec for spec in PARAM_TABLE if spec.present(cfg)}
+
+
+def param_shape(cfg: ModelConfig, spec: ParamSpec) -> tuple[int, ...]:
+    sizes = axis_sizes(cfg)
+    return tuple(sizes[a] for a in spec.axes)  # type: ignore[index]
+
+
+def _dtype(name: str) -> jnp.dtype:
+    return jnp.dtype(name)
+
+
+class LayerStack(nnx.Module):
+    """All layers' parameters, each stacked along a leading `layers` axis."""
+
+    def __init__(self, params: dict[str, nnx.Param]):
+        for name, param in params.items():
+            setattr(self, name, param)
+
+
+class Decoder(nnx.Module):
+    """Decoder-only transformer; see the module docstring for the calling conventions."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        dtype = _dtype(config.param_dtype)
+        layer_params: dict[str, nnx.Param] = {}
+        for name, spec in param_specs(config).items():
+            shape = param_shape(config, spec)
+            if spec.init == "ones":
+                value = jnp.ones(shape, dtype)
+            elif spec.init == "zeros":
+                value = jnp.zeros(shape, dtype)
+            else:
+                value = (0.02 * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+            param = nnx.Param(value)
+            if name.startswith("layers."):
+                layer_params[name.removeprefix("layers.")] = param
+            else:
+                setattr(self, name, param)
+        if config.tie_word_embeddings:
+            self.lm_head = None
+        self.layers = LayerStack(layer_params)
+
+    # ------------------------------------------------------------------ public API
+    def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
+                 segment_ids: jax.Array | None = None) -> jax.Array:
+        """tokens [B, T] int32 -> float32 logits [B, T, V]."""
+        return self.logits(self.hidden_states(tokens, positions, segment_ids))
+
+    def hidden_states(self, tokens: jax.Array, positions: jax.Array | None = None,
+                      segment_ids: jax.Array | None = None) -> jax.Array:
+        """Final-normed hidden states [B, T, D] in the compute dtype (feed to `logits`, or chunk it)."""
+        batch, length = tokens.shape
+        index = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+        positions = index if positions is None else positions.astype(jnp.int32)
+        segments = None if segment_ids is None else segment_ids.astype(jnp.int32)
+        mask = AttentionMask(index, index, segments, segments)
+        x = self._embed(tokens)
+        x, _ = self._run_layers(x, positions, mask, cache=None)
+        return self._final_norm(x)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """Hidden states [..., D] -> float32 logits [..., V] over the first `output_vocab_size` rows."""
+        cfg = self.config
+        vocab = cfg.output_vocab_size
+        compute = _dtype(cfg.compute_dtype)
+        if self.lm_head is None:
+            weight = self.embed.value[:vocab].astype(compute)
+            return jnp.einsum("...d,vd->...v", hidden, weight, preferred_element_type=jnp.float32)
+        weight = self.lm_head.value[:, :vocab].astype(compute)
+        return jnp.einsum("...d,dv->...v", hidden, weight, preferred_element_type=jnp.float32)
+
+    def init_cache(self, batch: int, max_length: int, dtype: str | None = None) -> KVCache:
+        cfg = self.config
+        return KVCache.zeros(cfg.num_layers, batch, max_length, cfg.num_kv_heads, cfg.head_dim,
+                             _dtype(dtype or cfg.compute_dtype))
+
+    def extend(self, tokens: jax.Array, cache: KVCache, num_valid: jax.Array | None = None,
+               logits: Literal["all", "last", "none"] = "all") -> tuple[jax.Array | None, KVCache]:
+        """Run tokens [B, T] at each sequence's position `cache.lengths`; see the module docstring.
+
+        Returns logits [B, T, V] ("all"), [B, V] at each sequence's last valid token ("last") or None,
+        and the cache with lengths advanced by `num_valid` [B] (default T). Slots past a sequence's new
+        length hold padding and are overwritten later; writes past `cache.max_length` are dropped.
+        """
+        batch, length = tokens.shape
+        starts = cache.lengths
+        positions = starts[:, None] + jnp.arange(length, dtype=jnp.int32)[None, :]
+        slots = jnp.broadcast_to(jnp.arange(cache.max_length, dtype=jnp.int32), (batch, cache.max_length))
+        mask = AttentionMask(positions, slots)
+        x = self._embed(tokens)
+        x, (keys, values) = self._run_layers(x, positions, mask, cache=(cache.keys, cache.values))
+        num_valid = jnp.full((batch,), length, jnp.int32) if num_valid is None else num_valid.astype(jnp.int32)
+        new_cache = KVCache(keys, values, starts + num_valid)
+        if logits == "none":
+            return None, new_cache
+        x = self._final_norm(x)
+        if logits == "last":
+            last = jnp.clip(num_valid - 1, 0, length - 1)
+            x = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
+        return self.logits(x), new_cache
+
+    # ------------------------------------------------------------------ internals
+    def _embed(self, tokens: jax.Array) -> jax.Array:
+        return jnp.take(self.embed.value, tokens, axis=0).astype(_dtype(self.config.compute_dtype))
+
+    def _final_norm(self, x: jax.Array) -> jax.Array:
+        return rms_norm(x, self.final_norm.value, self.config.rms_norm_eps)
+
+    def _run_layers(self, x: jax.Array, positions: jax.Array, mask: AttentionMask,
+                    cache: tuple[jax.Array, jax.Array] | None):
+        cfg = self.config
+        compute = _dtype(cfg.compute_dtype)
+        stacked = {name: var.value for name, var in vars(self.layers).items() if isinstance(var, nnx.Param)}
+        cos, sin = rope_tables(cfg, positions)
+
+        def layer(carry, xs):
+            x, kv = carry
+            params, index = xs
+            params = {k: v.astype(compute) for k, v in params.items()}
+            x, kv = decoder_layer(cfg, params, x, cos, sin, mask, kv, index)
+            return (x, kv), None
+
+        if cfg.remat != "none":
+            layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
+        index = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+        (x, kv), _ = jax.lax.scan(layer, (x, cache), (stacked, index))
+        return x, kv
+
+
+_REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm with float32 statistics, cast back before the weight (as Hugging Face does)."""
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return weight.astype(x.dtype) * xf.astype(x.dtype)
+
+
+def rope_tables(cfg: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos/sin [B, T, 1, head_dim] for positions [B, T], in float32."""
+    inv_freq = jnp.asarray(cfg.rope.inverse_frequencies(cfg.head_dim), jnp.float32)
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return (x * cos.astype(x.dtype) + rotated * sin.astype(x.dtype)).astype(x.dtype)
+
+
+def decoder_layer(cfg: ModelConfig, p: dict[str, jax.Array], x: jax.Array, cos: jax.Array, sin: jax.Array,
+                  mask: AttentionMask, kv: tuple[jax.Array, jax.Array] | None, layer_index: jax.Array):
+    """One pre-norm block. With `kv` (all layers' cache buffers) the new keys/values are written at
+    the query positions of layer `layer_index` and attention reads that layer's whole buffer."""
+    h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
+    q = jnp.einsum("btd,dhk->bthk", h, p["wq"])
+    k = jnp.einsum("btd,dhk->bthk", h, p["wk"])
+    v = jnp.einsum("btd,dhk->bthk", h, p["wv"])
+    if cfg.qkv_bias:
+        q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
+    if cfg.qk_norm:
+        q = rms_norm(q, p["q_norm"], cfg.rms_norm_eps)
+        k = rms_norm(k, p["k_norm"], cfg.rms_norm_eps)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    if kv is None:
+        k_all, v_all = k, v
+    else:
+        keys, values = kv
+        batch = jnp.arange(x.shape[0])[:, None]
+        slots = mask.q_index  # [B, T]: the positions being written
+        keys = keys.at[layer_index, batch, slots].set(k.astype(keys.dtype), mode="drop")
+        values = values.at[layer_index, batch, slots].set(v.astype(values.dtype), mode="drop")
+        kv = (keys, values)
+        k_all = jax.lax.dynamic_index_in_dim(keys, layer_index, 0, keepdims=False).astype(q.dtype)
+        v_all = jax.lax.dynamic_index_in_dim(values, layer_index, 0, keepdims=False).astype(q.dtype)
+    out = attention(q, k_all, v_all, mask, cfg.attention_impl)
+    x = x + jnp.einsum("bthk,hkd->btd", out, p["wo"])
+    if cfg.o_bias:
+        x = x + p["bo"]
+    h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
+    gate = jnp.einsum("btd,df->btf", h, p["w_gate"])
+    up = jnp.einsum("btd,df->btf", h, p["w_up"])
+    if cfg.mlp_bias:
+        gate, up = gate + p["b_gate"], up + p["b_up"]
+    x = x + jnp.einsum("btf,fd->btd", jax.nn.silu(gate) * up, p["w_down"])
+    if cfg.mlp_bias:
+        x = x + p["b_down"]
+    return x, kv
+
+
+def abstract_decoder(config: ModelConfig) -> Decoder:
+    """A Decoder whose parameters are shape/dtype placeholders (no memory), for loading into."""
+    return nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0)))
+
+
+def param_values(model: Decoder) -> dict[str, jax.Array]:
+    """Flat {name: array} of the model's parameters, names as in `PARAM_TABLE`."""
+    out: dict[str, jax.Array] = {}
+    for name in param_specs(model.config):
+        owner = model.layers if name.startswith("layers.") else model
+        out[name] = getattr(owner, name.removeprefix("layers.")).value
+    return out
+
+
+def set_param_values(model: Decoder, values: dict[str, jax.Array | np.ndarray]) -> None:
+    """Replace parameters in place by name (shapes must match `PARAM_TABLE`)."""
+    specs = param_specs(model.config)
+    for name, value in values.items():
+        expected = param_shape(model.config, specs[name])
+        if tuple(value.shape) != expected:
+            raise ValueError(f"parameter {name}: shape {tuple(value.shape)} != expected {expected}")
+        owner = model.layers if name.startswith("layers.") else model
+        getattr(owner, name.removeprefix("layers.")).value = value
