@@ -78,7 +78,7 @@ def test_bfloat16_policy_close_to_float32():
     folder = GOLDEN_DIR / "qwen3_untied"
     expected = np.load(folder / "expected_logits.npz")
     model, _ = motab_jax.load(folder, dtype="bfloat16")
-    assert model.embed.value.dtype == jnp.bfloat16
+    assert model.embed[...].dtype == jnp.bfloat16
     logits = model(jnp.asarray(expected["input_ids"]))
     assert logits.dtype == jnp.float32
     ref = expected["logits"][..., :TOKENIZER_SIZE]
@@ -86,7 +86,7 @@ def test_bfloat16_policy_close_to_float32():
     assert err < 0.15 * np.abs(ref).max(), err
     # Mixed policy: float32 master weights, bfloat16 compute.
     mixed, _ = motab_jax.load(folder, dtype="float32", compute_dtype="bfloat16")
-    assert mixed.embed.value.dtype == jnp.float32
+    assert mixed.embed[...].dtype == jnp.float32
     assert np.abs(np.asarray(mixed(jnp.asarray(expected["input_ids"]))) - ref).max() < 0.15 * np.abs(ref).max()
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 
@@ -20,7 +20,7 @@ SUPPORTED_MODEL_TYPES: dict[str, str] = {
 }
 SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
 RematPolicy = Literal["none", "full", "dots", "dots_no_batch"]
-AttentionImpl = Literal["auto", "xla", "jax", "cudnn"]
+AttentionImpl = Literal["auto", "xla", "jax", "cudnn", "splash"]
 DTYPES = {"float32": np.float32, "bfloat16": "bfloat16", "float16": np.float16}
 
 
@@ -104,10 +104,10 @@ class ModelConfig:
         for field in ("param_dtype", "compute_dtype"):
             if getattr(self, field) not in DTYPES:
                 raise ValueError(f"{field}={getattr(self, field)!r}; accepted: {sorted(DTYPES)}")
-        if self.remat not in ("none", "full", "dots", "dots_no_batch"):
-            raise ValueError(f"remat={self.remat!r}; accepted: 'none', 'full', 'dots', 'dots_no_batch'")
-        if self.attention_impl not in ("auto", "xla", "jax", "cudnn"):
-            raise ValueError(f"attention_impl={self.attention_impl!r}; accepted: 'auto', 'xla', 'jax', 'cudnn'")
+        if self.remat not in get_args(RematPolicy):
+            raise ValueError(f"remat={self.remat!r}; accepted: {get_args(RematPolicy)}")
+        if self.attention_impl not in get_args(AttentionImpl):
+            raise ValueError(f"attention_impl={self.attention_impl!r}; accepted: {get_args(AttentionImpl)}")
         if not 0 <= self.logits_vocab_size <= self.vocab_size:
             raise ValueError(f"logits_vocab_size={self.logits_vocab_size} must be in [0, vocab_size={self.vocab_size}]")
 

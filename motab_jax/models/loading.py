@@ -16,13 +16,15 @@ from typing import Any, Mapping, Protocol
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
 
 from motab_jax.models.config import DTYPES, ModelConfig, config_from_hf
 from motab_jax.models.hf_mapping import hf_keys, layer_shape
 from motab_jax.models.safetensors_io import SafetensorsFile
 from motab_jax.models.sharding import logical_sharding
-from motab_jax.models.transformer import Decoder, abstract_decoder, param_shape, param_specs, set_param_values
+from motab_jax.models.transformer import (Decoder, abstract_decoder, param_shape, param_specs, param_values,
+                                          set_param_values)
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +82,21 @@ class InMemoryTensors:
         return self._tensors[name]
 
 
+def param_shardings(cfg: ModelConfig, mesh: Mesh | None) -> dict[str, jax.sharding.Sharding]:
+    """Target sharding of every parameter: from the logical-axis rules, or one device without a mesh."""
+    if mesh is None:
+        return {name: SingleDeviceSharding(jax.devices()[0]) for name in param_specs(cfg)}
+    return {name: logical_sharding(mesh, spec.axes, param_shape(cfg, spec)) for name, spec in param_specs(cfg).items()}
+
+
+def init_random(cfg: ModelConfig, *, seed: int = 0, mesh: Mesh | None = None) -> Decoder:
+    """A randomly initialised Decoder, each parameter created directly in its target sharding."""
+    make = jax.jit(lambda: param_values(Decoder(cfg, rngs=nnx.Rngs(seed))), out_shardings=param_shardings(cfg, mesh))
+    model = abstract_decoder(cfg)
+    set_param_values(model, make())
+    return model
+
+
 def load_params(cfg: ModelConfig, source: TensorSource, mesh: Mesh | None = None,
                 where: str = "checkpoint") -> dict[str, jax.Array]:
     """Read every parameter of `cfg` from `source`, each placed with its target sharding."""
@@ -92,12 +109,11 @@ def load_params(cfg: ModelConfig, source: TensorSource, mesh: Mesh | None = None
     if missing:
         raise KeyError(f"{where}: {len(missing)} tensors the {cfg.model_type} config needs are missing, e.g. "
                        f"{missing[:5]}; is the checkpoint complete and does config.json match it?")
+    shardings = param_shardings(cfg, mesh)
     params: dict[str, jax.Array] = {}
     for key in keys:
-        spec = specs[key.param]
-        shape = param_shape(cfg, spec)
-        sharding = (logical_sharding(mesh, spec.axes, shape) if mesh is not None
-                    else SingleDeviceSharding(jax.devices()[0]))
+        shape = param_shape(cfg, specs[key.param])
+        sharding = shardings[key.param]
 
         def read(index: tuple[slice, ...], key=key, shape=shape) -> np.ndarray:
             if not key.per_layer:

@@ -130,7 +130,7 @@ class Decoder(nnx.Module):
         index = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
         positions = index if positions is None else positions.astype(jnp.int32)
         segments = None if segment_ids is None else segment_ids.astype(jnp.int32)
-        mask = AttentionMask(index, index, segments, segments)
+        mask = AttentionMask(index, index, segments, segments, self_attention=True)
         x = self._embed(tokens)
         x, _ = self._run_layers(x, positions, mask, cache=None)
         return self._final_norm(x)
@@ -141,9 +141,9 @@ class Decoder(nnx.Module):
         vocab = cfg.output_vocab_size
         compute = _dtype(cfg.compute_dtype)
         if self.lm_head is None:
-            weight = self.embed.value[:vocab].astype(compute)
+            weight = self.embed[...][:vocab].astype(compute)
             return jnp.einsum("...d,vd->...v", hidden, weight, preferred_element_type=jnp.float32)
-        weight = self.lm_head.value[:, :vocab].astype(compute)
+        weight = self.lm_head[...][:, :vocab].astype(compute)
         return jnp.einsum("...d,dv->...v", hidden, weight, preferred_element_type=jnp.float32)
 
     def init_cache(self, batch: int, max_length: int, dtype: str | None = None) -> KVCache:
@@ -178,16 +178,16 @@ class Decoder(nnx.Module):
 
     # ------------------------------------------------------------------ internals
     def _embed(self, tokens: jax.Array) -> jax.Array:
-        return jnp.take(self.embed.value, tokens, axis=0).astype(_dtype(self.config.compute_dtype))
+        return jnp.take(self.embed[...], tokens, axis=0).astype(_dtype(self.config.compute_dtype))
 
     def _final_norm(self, x: jax.Array) -> jax.Array:
-        return rms_norm(x, self.final_norm.value, self.config.rms_norm_eps)
+        return rms_norm(x, self.final_norm[...], self.config.rms_norm_eps)
 
     def _run_layers(self, x: jax.Array, positions: jax.Array, mask: AttentionMask,
                     cache: tuple[jax.Array, jax.Array] | None):
         cfg = self.config
         compute = _dtype(cfg.compute_dtype)
-        stacked = {name: var.value for name, var in vars(self.layers).items() if isinstance(var, nnx.Param)}
+        stacked = {name: var.get_value() for name, var in vars(self.layers).items() if isinstance(var, nnx.Param)}
         cos, sin = rope_tables(cfg, positions)
 
         def layer(carry, xs):
@@ -282,7 +282,7 @@ def param_values(model: Decoder) -> dict[str, jax.Array]:
     out: dict[str, jax.Array] = {}
     for name in param_specs(model.config):
         owner = model.layers if name.startswith("layers.") else model
-        out[name] = getattr(owner, name.removeprefix("layers.")).value
+        out[name] = getattr(owner, name.removeprefix("layers.")).get_value()
     return out
 
 
@@ -294,4 +294,4 @@ def set_param_values(model: Decoder, values: dict[str, jax.Array | np.ndarray]) 
         if tuple(value.shape) != expected:
             raise ValueError(f"parameter {name}: shape {tuple(value.shape)} != expected {expected}")
         owner = model.layers if name.startswith("layers.") else model
-        getattr(owner, name.removeprefix("layers.")).value = value
+        getattr(owner, name.removeprefix("layers.")).set_value(value)

@@ -1,0 +1,63 @@
+"""Build a (model, tokenizer) pair from a config block (see `configs/base.py:model_spec`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+from jax.sharding import Mesh
+
+from motab_jax.models.config import DTYPES, ModelConfig
+from motab_jax.models.loading import init_random, load, vocab_for_logits
+from motab_jax.models.transformer import Decoder
+
+TOKENIZER_CHOICES = ("", "byte_level", "qwen2", "qwen3")
+
+
+def make_tokenizer(choice: str) -> Any:
+    from motab_jax import text
+
+    if choice == "byte_level":
+        return text.byte_level_tokenizer()
+    if choice in ("qwen2", "qwen3"):
+        return text.qwen_tokenizer(choice)
+    raise ValueError(f"tokenizer={choice!r}; accepted: {TOKENIZER_CHOICES}")
+
+
+def validate_model_spec(spec: Mapping[str, Any], field: str) -> list[str]:
+    """Problems with one model block, each naming the field and the accepted values."""
+    problems = []
+    for key in ("dtype", "compute_dtype"):
+        value = spec.get(key, "")
+        if (value or key == "dtype") and value not in DTYPES:
+            problems.append(f"{field}.{key}={value!r}: accepted {sorted(DTYPES)}")
+    if spec.get("tokenizer", "") not in TOKENIZER_CHOICES:
+        problems.append(f"{field}.tokenizer={spec.get('tokenizer')!r}: accepted {TOKENIZER_CHOICES}")
+    path = spec.get("path", "")
+    if not path:
+        if not spec.get("init"):
+            problems.append(f"{field}.path is empty and {field}.init has no model fields: give one of them")
+        if not spec.get("tokenizer"):
+            problems.append(f"{field}.path is empty: set {field}.tokenizer (e.g. 'byte_level')")
+    elif not Path(path).expanduser().exists() and (path.startswith((".", "/", "~")) or path.count("/") != 1):
+        problems.append(f"{field}.path={path!r}: no such file or folder, and not a hub id 'owner/name'")
+    return problems
+
+
+def build_model(spec: Mapping[str, Any], mesh: Mesh | None = None) -> tuple[Decoder, Any]:
+    """Load `spec.path`, or randomly initialise `spec.init`; the tokenizer comes from the path or `spec.tokenizer`."""
+    runtime = dict(param_dtype=spec["dtype"], compute_dtype=spec.get("compute_dtype") or spec["dtype"],
+                   attention_impl=spec.get("attention_impl", "auto"), remat=spec.get("remat", "none"))
+    if spec.get("path"):
+        model, tokenizer = load(spec["path"], dtype=runtime.pop("param_dtype"), mesh=mesh,
+                                compute_dtype=runtime.pop("compute_dtype"), **runtime)
+        if tokenizer is None and spec.get("tokenizer"):
+            tokenizer = make_tokenizer(spec["tokenizer"])
+        return model, tokenizer
+    fields = dict(spec["init"])
+    if "eos_token_ids" in fields:
+        fields["eos_token_ids"] = tuple(fields["eos_token_ids"])
+    tokenizer = make_tokenizer(spec["tokenizer"])
+    cfg = ModelConfig(**fields, **runtime)
+    cfg = cfg.replace(logits_vocab_size=vocab_for_logits(cfg, len(tokenizer), "init"))
+    return init_random(cfg, seed=int(spec.get("seed", 0)), mesh=mesh), tokenizer

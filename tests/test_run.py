@@ -1,0 +1,58 @@
+"""run.py's job on the embedded demo: validation, outputs, and skipping finished stages."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from configs import demo
+from motab_jax.pipeline import run_pipeline, validate_config
+from motab_jax.pipeline.runner import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_demo_models_stage_and_resume(tmp_path):
+    config = demo.get_config()
+    config.run_dir = str(tmp_path / "run")
+    config.mesh.data, config.mesh.tensor = 2, 4  # a real 2 x 4 mesh over the 8 host devices
+    summary = run_pipeline(config)["models"]
+    assert [m["role"] for m in summary["models"]] == ["teacher", "student"]
+    assert 0.0 <= summary["top1_agreement"] <= 1.0 and summary["reverse_kl"] > 0
+    run = Path(config.run_dir)
+    assert (run / "student_hf" / "model.safetensors").exists()
+    assert json.loads((run / "config.json").read_text())["student"]["init"]["num_layers"] == 2
+    # A rerun skips the finished stage and returns its recorded summary.
+    (run / "student_hf" / "model.safetensors").unlink()
+    assert run_pipeline(config)["models"]["top1_agreement"] == summary["top1_agreement"]
+    assert not (run / "student_hf" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("field,value,pattern", [
+    ("stages", "synthesize", "'synthesize' is not implemented yet"),
+    ("stages", "train", "unknown stage 'train'"),
+    ("student.dtype", "fp8", r"student\.dtype='fp8'"),
+    ("teacher.tokenizer", "gpt2", r"teacher\.tokenizer='gpt2'"),
+    ("teacher.path", "./missing", r"teacher\.path='./missing'"),
+    ("mesh.tensor", 3, "mesh: "),
+])
+def test_validation_names_field_and_accepted_values(field, value, pattern):
+    config = demo.get_config()
+    section, _, key = field.rpartition(".")
+    (config[section] if section else config)[key] = value
+    problems = validate_config(config)
+    assert any(re.search(pattern, p) for p in problems), problems
+    with pytest.raises(ConfigError, match="invalid configuration"):
+        run_pipeline(config)
+
+
+def test_run_py_command_line_reports_bad_override(tmp_path):
+    result = subprocess.run([sys.executable, "run.py", "--config=configs/demo.py", "--config.student.dtype=fp8",
+                             f"--config.run_dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "student.dtype='fp8'" in result.stderr
