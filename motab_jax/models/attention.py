@@ -4,7 +4,7 @@
 - "xla": plain einsum/softmax in float32; the CPU reference every other kernel is tested against.
 - "jax": `jax.nn.dot_product_attention` (XLA lowering chosen by JAX).
 - "cudnn": `jax.nn.dot_product_attention(implementation="cudnn")`, cuDNN flash attention on NVIDIA GPUs
-  (bf16/fp16 only); use it for training and prefill.
+  (bf16/fp16 only) for cache-free causal passes without segment ids; other cases fall back to "jax".
 - "splash": the Pallas splash-attention kernel for TPU (block-sparse causal + segment ids, with its own
   backward pass), for cache-free forwards whose length is a multiple of 128; runs in Pallas interpret
   mode off TPU (how the tests check it on CPU). Other shapes fall back to "jax".
@@ -111,11 +111,14 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, imp
         if splash_fits(q, mask):
             return _splash_attention(q, k, v, mask.q_segment, scale)
         impl = "jax"
-    dense = mask.dense()
-    if impl == "xla":
-        return _xla_attention(q, k, v, dense, scale)
-    if impl == "jax":
-        return jax.nn.dot_product_attention(q, k, v, mask=dense, scale=scale)
     if impl == "cudnn":
-        return jax.nn.dot_product_attention(q, k, v, mask=dense, scale=scale, implementation="cudnn")
+        # cuDNN's fused kernel takes a causal flag; an explicit mask would be materialised as a bias, so
+        # only the unsegmented self-attention case uses it.
+        if mask.self_attention and mask.q_segment is None:
+            return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, implementation="cudnn")
+        impl = "jax"
+    if impl == "xla":
+        return _xla_attention(q, k, v, mask.dense(), scale)
+    if impl == "jax":
+        return jax.nn.dot_product_attention(q, k, v, mask=mask.dense(), scale=scale)
     raise ValueError(f"attention_impl={impl!r}; accepted: {ATTENTION_IMPLS}")
