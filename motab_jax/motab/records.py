@@ -1,0 +1,94 @@
+"""Turning a finished slot into an SFT record, and the append-only JSONL file with resume."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+
+from motab_jax.motab.state import FINISH_NAMES, SRC_STUDENT, SRC_TEACHER
+
+
+def _segments(tokenizer: Any, tokens: np.ndarray, sources: np.ndarray) -> list[dict[str, Any]]:
+    """Consecutive runs of one provenance, decoded."""
+    out: list[dict[str, Any]] = []
+    start = 0
+    for i in range(1, len(tokens) + 1):
+        if i == len(tokens) or sources[i] != sources[start]:
+            name = "student" if sources[start] == SRC_STUDENT else "teacher"
+            ids = tokens[start:i].tolist()
+            out.append({"source": name, "num_tokens": i - start, "token_ids": ids,
+                        "text": tokenizer.decode(ids, skip_special_tokens=True)})
+            start = i
+    return out
+
+
+def build_record(tokenizer: Any, slot: dict[str, np.ndarray], *, question_id: str, sample_index: int,
+                 prompt: str, policy_name: str, stitched: bool, revise: str) -> dict[str, Any]:
+    """The record of one finished trajectory; `slot` holds that slot's row of every state array."""
+    length = int(slot["out_len"])
+    tokens, sources = slot["out_tokens"][:length], slot["out_src"][:length]
+    breach, explore_len = int(slot["breach_step"]), int(slot["explore_len"])
+    if stitched and breach:
+        # Spec eq. 11: steps 1..t (all student steps, the flawed ones too) + "\n\n" + REVISE + "\n\n" + teacher.
+        segments = _segments(tokenizer, tokens[:explore_len], sources[:explore_len])
+        revise_ids = tokenizer(f"\n\n{revise}\n\n", add_special_tokens=False)["input_ids"]
+        segments.append({"source": "revise", "num_tokens": len(revise_ids), "token_ids": revise_ids,
+                         "text": f"\n\n{revise}\n\n"})
+        segments += _segments(tokenizer, tokens[explore_len:], sources[explore_len:])
+    else:
+        segments = _segments(tokenizer, tokens, sources)
+    num_steps = int(slot["num_steps"])
+    counts = {"student": int(np.sum(sources == SRC_STUDENT)), "teacher": int(np.sum(sources == SRC_TEACHER)),
+              "revise": sum(s["num_tokens"] for s in segments if s["source"] == "revise")}
+    return {
+        "id": question_id, "sample_index": sample_index, "prompt": prompt, "policy": policy_name,
+        "response": "".join(s["text"] for s in segments), "segments": segments,
+        # value None: a step the teacher wrote (one-step policies), or no teacher monitoring (student-only).
+        "steps": [{"start": int(start), "value": None if np.isnan(v) else float(v), "eps": float(e)}
+                  for start, v, e in zip(slot["step_start"][:num_steps], slot["step_value"][:num_steps],
+                                         slot["step_eps"][:num_steps])],
+        "breach_step": breach or None, "root_step": int(slot["root_step"]) or None,
+        "safe_prefix_tokens": int(slot["safe_len"]) if breach else None,
+        "interventions": int(slot["interventions"]), "tokens": counts,
+        "finish_reason": FINISH_NAMES[int(slot["finish"])],
+        "speculative": {"drafted": int(slot["drafted"]), "accepted": int(slot["accepted_drafts"])},
+        "teacher_forwards": int(slot["teacher_forwards"]),
+    }
+
+
+def read_done(path: str | os.PathLike) -> set[tuple[str, int]]:
+    """(id, sample_index) pairs already in `path`; a torn last line (killed mid-write) is cut off."""
+    path = Path(path)
+    if not path.exists():
+        return set()
+    done: set[tuple[str, int]] = set()
+    good_bytes = 0
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            try:
+                record = json.loads(line)
+                done.add((str(record["id"]), int(record["sample_index"])))
+            except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as e:
+                if not line.endswith(b"\n"):  # the last, unfinished line of an interrupted run
+                    break
+                raise ValueError(f"{path}:{number}: not a synthesis record ({e}); remove the line or use a new "
+                                 "output file") from e
+            good_bytes += len(line)
+    if good_bytes != path.stat().st_size:
+        with open(path, "r+b") as f:
+            f.truncate(good_bytes)
+    return done
+
+
+def append_records(path: str | os.PathLike, records: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """Append each record as one whole line (single write, flushed and fsynced), passing it through."""
+    with open(path, "a", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+            yield record
