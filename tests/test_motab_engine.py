@@ -295,3 +295,41 @@ def test_input_errors_are_clear():
         list(motab_jax.synthesize(student, teacher, tok, _questions(), dict(BASE, policy="best")))
     with pytest.raises(ValueError, match="unknown synthesis fields"):
         list(motab_jax.synthesize(student, teacher, tok, _questions(), dict(BASE, epsilon=0.1)))
+
+
+def test_no_stitch_ablation_keeps_only_safe_prefix_and_teacher_text():
+    _, _, tok = _models()
+    kwargs = dict(delimiter="the", eps0=0.1, theta=1.0)
+    stitched, plain = _run("motab", **kwargs), _run("motab_no_stitch", **kwargs)
+    breached = 0
+    for a, b in zip(stitched, plain):
+        assert _ids(a, "teacher") == _ids(b, "teacher") and a["breach_step"] == b["breach_step"]
+        if a["breach_step"]:
+            breached += 1
+            safe = _ids(a, "student")[:a["safe_prefix_tokens"]]
+            assert _ids(b, "student") == safe and not any(s["source"] == "revise" for s in b["segments"])
+            assert b["response"] == tok.decode(safe + _ids(a, "teacher"), skip_special_tokens=True)
+    assert breached >= 2
+
+
+def test_skd_token_keeps_teacher_top_k_tokens_and_replaces_the_rest():
+    student, teacher, tok = _models()
+    top_k = 5
+    S, T = ref.Forward(student), ref.Forward(teacher)
+    replaced = 0
+    for question, record in zip(_questions(), _run("skd_token", token_top_k=top_k, delimiter="the")):
+        prompt = tok(question["problem"])["input_ids"]
+        tokens = [(s["source"], t) for s in record["segments"] for t in s["token_ids"]]
+        context = list(prompt)
+        for source, token in tokens:
+            teacher_logits = T.next_logits(context)
+            student_choice = int(np.argmax(S.next_logits(context)))
+            in_top = int(np.sum(teacher_logits > teacher_logits[student_choice])) < top_k
+            if source == "student":
+                assert token == student_choice and in_top
+            else:  # the student's token was outside the teacher's top-K: the teacher's (greedy) token instead
+                assert not in_top and token == int(np.argmax(teacher_logits))
+                replaced += 1
+            context.append(token)
+        assert record["interventions"] == sum(s == "teacher" for s, _ in tokens)
+    assert replaced >= 3

@@ -1,8 +1,9 @@
 """`synthesize`: questions in, one record per (question, sample index) out, streamed as slots finish.
 
 The host keeps a queue of pending trajectories and B device slots. It runs the jitted loop until some
-slot finishes, reads those slots' records, and refills them from the queue (a prefill into just those
-slots, same compiled shapes), until the queue is empty and every slot is done.
+slot finishes, reads those slots' records, and refills them from the queue (a masked prefill that leaves
+the other slots' contexts intact, with the same compiled shapes), until the queue is empty and every slot
+is done.
 """
 
 from __future__ import annotations
@@ -15,16 +16,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from tqdm.auto import tqdm
-
 from jax.sharding import NamedSharding, PartitionSpec
+from tqdm.auto import tqdm
 
 from motab_jax.models.kv_cache import CACHE_AXES, KVCache
 from motab_jax.models.sharding import shard_array
 from motab_jax.models.transformer import Decoder
 from motab_jax.motab.delimiter import build_delimiter_tables
 from motab_jax.motab.engine import EngineSpec, EngineTables, refill, run_iterations
-from motab_jax.motab.policies import make_policy
+from motab_jax.motab.policies import Policy, make_policy
 from motab_jax.motab.records import append_records, build_record, read_done
 from motab_jax.motab.state import DONE, EngineState, empty_state
 from motab_jax.sampling.generate import default_stop_tokens
@@ -38,7 +38,7 @@ DEFAULTS: dict[str, Any] = dict(
     policy="motab", eps0=0.2, theta=1.0, gamma=0.9, token_top_k=25, entropy_top_k=20, draft_len=8, num_slots=8,
     step_cap=8192, traj_cap=32768, teacher_min_budget=256, max_steps=512, max_prompt_len=2048,
     delimiter=".\n\n", revise="However,", samples_per_question=5, temperature=0.6, teacher_temperature=0.6,
-    top_p=1.0, draft_temperature=0.0, seed=0, prompt_format="chat",
+    top_p=1.0, draft_temperature=0.6, seed=0, prompt_format="chat",
     instruction="Please reason step by step, and put your final answer within \\boxed{}.",
     iterations_per_sync=64, output_path="", memory_budget_gb=0.0, extra_stop_tokens=())
 
@@ -47,6 +47,7 @@ DEFAULTS: dict[str, Any] = dict(
 class Question:
     id: str
     text: str
+    prompt_ids: tuple[int, ...] = ()  # an already tokenized prompt (used as is)
 
 
 def _questions(items: Sequence[Any]) -> list[Question]:
@@ -56,9 +57,11 @@ def _questions(items: Sequence[Any]) -> list[Question]:
             out.append(Question(str(n), item))
             continue
         text = item.get("problem", item.get("question", item.get("prompt")))
-        if text is None:
-            raise KeyError(f"question {n}: no 'problem', 'question' or 'prompt' field (fields: {sorted(item)})")
-        out.append(Question(str(item.get("id", n)), str(text)))
+        ids = tuple(int(t) for t in item.get("prompt_ids", ()))
+        if text is None and not ids:
+            raise KeyError(f"question {n}: no 'problem', 'question', 'prompt' or 'prompt_ids' field "
+                           f"(fields: {sorted(item)})")
+        out.append(Question(str(item.get("id", n)), str(text or ""), ids))
     ids = [q.id for q in out]
     if len(set(ids)) != len(ids):
         raise ValueError("question ids are not unique; resume and records need unique ids")
@@ -81,8 +84,10 @@ def resolve_config(config: Mapping[str, Any] | None) -> dict[str, Any]:
 
 
 def engine_spec(cfg: Mapping[str, Any]) -> EngineSpec:
-    policy = make_policy(cfg["policy"], eps0=cfg["eps0"], theta=cfg["theta"], gamma=cfg["gamma"],
-                         token_top_k=cfg["token_top_k"])
+    policy = cfg["policy"]
+    if not isinstance(policy, Policy):
+        policy = make_policy(policy, eps0=cfg["eps0"], theta=cfg["theta"], gamma=cfg["gamma"],
+                             token_top_k=cfg["token_top_k"])
     return EngineSpec(policy=policy, student_rule=make_rule(cfg["temperature"], cfg["top_p"]),
                       teacher_rule=make_rule(cfg["teacher_temperature"], cfg["top_p"]),
                       draft_rule=make_rule(cfg["draft_temperature"], cfg["top_p"]), draft_len=cfg["draft_len"],
@@ -116,6 +121,8 @@ def check_memory(cfg: Mapping[str, Any], student: Decoder, teacher: Decoder) -> 
 
 
 def _encode(tokenizer: Any, question: Question, cfg: Mapping[str, Any]) -> tuple[str, list[int]]:
+    if question.prompt_ids:
+        return tokenizer.decode(list(question.prompt_ids)), list(question.prompt_ids)
     content = f"{question.text}\n{cfg['instruction']}" if cfg["instruction"] else question.text
     if cfg["prompt_format"] == "chat":
         messages = [{"role": "user", "content": content}]
@@ -133,8 +140,10 @@ def synthesize(student: Decoder, teacher: Decoder, tokenizer: Any, questions: Se
                config: Mapping[str, Any] | None = None, *, progress: bool = True) -> Iterator[dict[str, Any]]:
     """Yield one record per (question, sample index) as trajectories finish (see records.build_record).
 
-    `config` is the synthesis section (see DEFAULTS). With `output_path`, records are appended to that
-    JSONL file as they finish and pairs already present there are skipped (resume).
+    `config` is the synthesis section (see DEFAULTS); its `policy` is a name or a `Policy` object. Questions
+    are strings or dicts with an `id` and a `problem` / `question` / `prompt` (formatted per `prompt_format`)
+    or `prompt_ids` (used as is). With `output_path`, records are appended to that JSONL file as they finish
+    and pairs already present there are skipped (resume).
     """
     cfg = resolve_config(config)
     spec = engine_spec(cfg)
