@@ -1,13 +1,13 @@
-"""Turning a finished slot into an SFT record, and the append-only JSONL file with resume."""
+"""Turning a finished slot into an SFT record."""
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import numpy as np
+
+from motab_jax.jsonl import read_records
 
 from motab_jax.motab.state import FINISH_NAMES, SRC_STUDENT, SRC_TEACHER
 
@@ -61,34 +61,5 @@ def build_record(tokenizer: Any, slot: dict[str, np.ndarray], *, question_id: st
 
 
 def read_done(path: str | os.PathLike) -> set[tuple[str, int]]:
-    """(id, sample_index) pairs already in `path`; a torn last line (killed mid-write) is cut off."""
-    path = Path(path)
-    if not path.exists():
-        return set()
-    done: set[tuple[str, int]] = set()
-    good_bytes = 0
-    with open(path, "rb") as f:
-        for number, line in enumerate(f, 1):
-            try:
-                record = json.loads(line)
-                done.add((str(record["id"]), int(record["sample_index"])))
-            except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as e:
-                if not line.endswith(b"\n"):  # the last, unfinished line of an interrupted run
-                    break
-                raise ValueError(f"{path}:{number}: not a synthesis record ({e}); remove the line or use a new "
-                                 "output file") from e
-            good_bytes += len(line)
-    if good_bytes != path.stat().st_size:
-        with open(path, "r+b") as f:
-            f.truncate(good_bytes)
-    return done
-
-
-def append_records(path: str | os.PathLike, records: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    """Append each record as one whole line (single write, flushed and fsynced), passing it through."""
-    with open(path, "a", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-            yield record
+    """(id, sample_index) pairs already in `path` (a torn last line is cut off)."""
+    return {(str(i), int(r)) for i, r in read_records(path, ("id", "sample_index"))}

@@ -25,7 +25,8 @@ from motab_jax.models.transformer import Decoder
 from motab_jax.motab.delimiter import build_delimiter_tables
 from motab_jax.motab.engine import EngineSpec, EngineTables, refill, run_iterations
 from motab_jax.motab.policies import Policy, make_policy
-from motab_jax.motab.records import append_records, build_record, read_done
+from motab_jax.jsonl import append_records
+from motab_jax.motab.records import build_record, read_done
 from motab_jax.motab.state import DONE, EngineState, empty_state
 from motab_jax.sampling.generate import default_stop_tokens
 from motab_jax.sampling.rules import make_rule
