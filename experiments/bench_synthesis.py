@@ -19,8 +19,10 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
+from report import print_table  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -205,10 +207,7 @@ def main() -> None:
           f"{new} new tokens, k = {args.draft_len}, {dtype}; student: {args.draft}"
           f"{f' (late-layer scale {args.late_layer_scale})' if args.draft != 'random' else ''} "
           f"({student.config.num_params / 1e6:.2f}M params), teacher {teacher.config.num_params / 1e6:.2f}M\n")
-    width = max(len(name) for name, _ in rows)
-    print(f"| {'measure':<{width}} | value |\n|{'-' * (width + 2)}|-------|")
-    for name, value in rows:
-        print(f"| {name:<{width}} | {value} |")
+    print_table(rows)
 
 
 if __name__ == "__main__":

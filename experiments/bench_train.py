@@ -18,8 +18,10 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
+from report import print_table  # noqa: E402
 import numpy as np  # noqa: E402
 
 from motab_jax.models import MeshConfig, ModelConfig, init_random, make_mesh  # noqa: E402
@@ -116,10 +118,8 @@ def main() -> None:
         if torch_tps:
             rows += [("transformers + PyTorch tokens/s", f"{torch_tps:,.0f}"),
                      ("ratio (ours / PyTorch)", f"{tokens_per_s / torch_tps:.2f}x")]
-    width = max(len(k) for k, _ in rows)
-    print(f"\n| {'measure':<{width}} | value |\n|{'-' * (width + 2)}|-------|")
-    for key, value in rows:
-        print(f"| {key:<{width}} | {value} |")
+    print()
+    print_table(rows)
 
 
 if __name__ == "__main__":
