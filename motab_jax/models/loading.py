@@ -23,8 +23,14 @@ from motab_jax.models.config import DTYPES, ModelConfig, config_from_hf
 from motab_jax.models.hf_mapping import hf_keys, layer_shape
 from motab_jax.models.safetensors_io import SafetensorsFile
 from motab_jax.models.sharding import logical_sharding
-from motab_jax.models.transformer import (Decoder, abstract_decoder, param_shape, param_specs, param_values,
-                                          set_param_values)
+from motab_jax.models.transformer import (
+    Decoder,
+    abstract_decoder,
+    param_shape,
+    param_specs,
+    param_values,
+    set_param_values,
+)
 
 log = logging.getLogger(__name__)
 

@@ -23,8 +23,17 @@ from flax import nnx
 
 from motab_jax.models.kv_cache import KVCache
 from motab_jax.motab.policies import Policy
-from motab_jax.motab.state import (DONE, EXPLORE, FINISH_EOS, FINISH_LENGTH, FINISH_TEACHER_BUDGET, SRC_STUDENT,
-                                   SRC_TEACHER, TEACHER, EngineState)
+from motab_jax.motab.state import (
+    DONE,
+    EXPLORE,
+    FINISH_EOS,
+    FINISH_LENGTH,
+    FINISH_TEACHER_BUDGET,
+    SRC_STUDENT,
+    SRC_TEACHER,
+    TEACHER,
+    EngineState,
+)
 from motab_jax.sampling.rules import Greedy, Rule
 
 

@@ -8,7 +8,6 @@ from typing import Any
 import numpy as np
 
 from motab_jax.jsonl import read_records
-
 from motab_jax.motab.state import FINISH_NAMES, SRC_STUDENT, SRC_TEACHER
 
 

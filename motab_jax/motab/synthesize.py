@@ -19,13 +19,13 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
+from motab_jax.jsonl import append_records
 from motab_jax.models.kv_cache import CACHE_AXES, KVCache
 from motab_jax.models.sharding import shard_array
 from motab_jax.models.transformer import Decoder
 from motab_jax.motab.delimiter import build_delimiter_tables
 from motab_jax.motab.engine import EngineSpec, EngineTables, refill, run_iterations
 from motab_jax.motab.policies import Policy, make_policy
-from motab_jax.jsonl import append_records
 from motab_jax.motab.records import build_record, read_done
 from motab_jax.motab.state import DONE, EngineState, empty_state
 from motab_jax.sampling.generate import default_stop_tokens
