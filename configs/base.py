@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from motab_jax.motab.synthesize import DEFAULTS as SYNTHESIS_DEFAULTS
+
 
 def model_spec(path: str = "") -> ml_collections.ConfigDict:
     """Where a model comes from and how it runs."""
@@ -31,9 +33,13 @@ def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.run_dir = "runs/base"  # everything the job writes: resolved config, logs, exports, tables
     config.seed = 0
-    # Comma-separated stages to run, in order. Implemented so far: "models" (load both models, check that
-    # they share a vocabulary, compare their predictions, export the student to Hugging Face format).
-    config.stages = "models"
+    # Comma-separated stages to run, in order: "models" (load both models, check the shared vocabulary,
+    # export the student), "pretrain" (demo only: train randomly initialised teacher and student on the demo's
+    # solutions), "synthesize", "sft", "eval". Each reads the previous stages' outputs from run_dir.
+    config.stages = "synthesize,sft,eval"
+    # Synthesis policies to run (and to SFT on, and evaluate): "motab", "teacher_only", "student_only",
+    # "skd_step", "skd_token", "motab_no_adaptive", "motab_no_backtrack", "motab_no_stitch".
+    config.policies = "motab"
 
     config.teacher = model_spec()
     config.student = model_spec()
@@ -47,4 +53,27 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.models = ml_collections.ConfigDict()
     config.models.probe_prompt = "What is 12 + 30? Put the final answer in \\boxed{}."
+
+    # Training questions: a JSONL file with `id` and `problem`, or "demo" (generated arithmetic problems).
+    config.data = ml_collections.ConfigDict(dict(
+        questions="", limit=0, demo_train=256, demo_held_out=40,
+        mask_flawed_student_segment=False))  # SFT: also mask the flawed student steps before REVISE
+
+    # Synthesis (spec section 3); every field of motab_jax.motab.synthesize.DEFAULTS.
+    config.synthesis = ml_collections.ConfigDict(dict(SYNTHESIS_DEFAULTS))
+
+    # SFT (spec section 5, the paper's recipe).
+    config.sft = ml_collections.ConfigDict(dict(
+        learning_rate=5e-5, min_learning_rate=1e-6, warmup_ratio=0.05, weight_decay=0.1, beta1=0.9, beta2=0.95,
+        eps=1e-8, clip_norm=1.0, epochs=6, global_batch_size=32, micro_batches=1, seq_len=32768, cutoff_len=32768,
+        seed=42, save_every=100, keep_last=2, chunk_size=512))
+    # Demo only: per-role overrides of the sft section for the "pretrain" stage.
+    config.pretrain = ml_collections.ConfigDict(dict(teacher=ml_collections.ConfigDict(),
+                                                     student=ml_collections.ConfigDict()))
+
+    # Evaluation (spec section 7): comma-separated benchmarks (math500, aime24, aime25, amc23, gsm8k,
+    # gpqa_diamond, hub:<id>, a JSONL path, or "demo" for the demo's held-out problems).
+    config.eval = ml_collections.ConfigDict(dict(
+        benchmarks="math500,aime24,aime25,amc23", samples=0, temperature=0.6, top_p=0.95, max_new_tokens=32768,
+        batch_size=64, limit=0))
     return config

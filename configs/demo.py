@@ -1,6 +1,9 @@
-"""The embedded demo (the default of `python run.py`): runs offline on a laptop CPU in seconds.
+"""The embedded demo (the default of `python run.py`): the whole method, offline, on a laptop CPU.
 
-Two small randomly initialised Qwen3-shaped models share the built-in byte-level tokenizer.
+Generated multi-step arithmetic word problems; a small teacher and a smaller, less trained student
+(Qwen3-shaped, the built-in byte-level tokenizer) are first trained by the pipeline itself on the
+problems' step-by-step solutions; then MOTAB and teacher-only synthesis, SFT of the student on each, and
+evaluation on held-out problems.
 """
 
 from __future__ import annotations
@@ -26,4 +29,19 @@ def get_config() -> ml_collections.ConfigDict:
         spec.dtype = "float32"
         spec.seed = seed
         spec.init = _tiny(layers, width)
+    config.stages = "pretrain,synthesize,sft,eval"
+    config.policies = "motab,teacher_only"
+    config.data.questions = "demo"
+    config.data.demo_train = 256
+    config.data.demo_held_out = 40
+    s = config.synthesis
+    s.samples_per_question, s.num_slots, s.traj_cap, s.step_cap = 1, 32, 96, 48
+    s.teacher_min_budget, s.max_prompt_len, s.max_steps, s.draft_len = 32, 192, 16, 8
+    s.output_path = ""
+    config.sft.update(dict(learning_rate=1e-3, min_learning_rate=1e-4, warmup_ratio=0.1, epochs=4,
+                           global_batch_size=16, seq_len=320, cutoff_len=320, save_every=1000, chunk_size=160))
+    # The teacher trains 4x longer than the (smaller) student, so the student is the weaker model.
+    config.pretrain.teacher = ml_collections.ConfigDict(dict(epochs=24, learning_rate=3e-3, min_learning_rate=3e-4))
+    config.pretrain.student = ml_collections.ConfigDict(dict(epochs=6, learning_rate=3e-3, min_learning_rate=3e-4))
+    config.eval.update(dict(benchmarks="demo", samples=1, temperature=0.0, max_new_tokens=96, batch_size=40))
     return config

@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_demo_models_stage_and_resume(tmp_path):
     config = demo.get_config()
+    config.stages = "models"
     config.run_dir = str(tmp_path / "run")
     config.mesh.data, config.mesh.tensor = 2, 4  # a real 2 x 4 mesh over the 8 host devices
     summary = run_pipeline(config)["models"]
@@ -34,7 +35,7 @@ def test_demo_models_stage_and_resume(tmp_path):
 
 
 @pytest.mark.parametrize("field,value,pattern", [
-    ("stages", "synthesize", "'synthesize' is not implemented yet"),
+    ("stages", "kd", "'kd' is not implemented yet"),
     ("stages", "train", "unknown stage 'train'"),
     ("student.dtype", "fp8", r"student\.dtype='fp8'"),
     ("teacher.tokenizer", "gpt2", r"teacher\.tokenizer='gpt2'"),
@@ -56,3 +57,24 @@ def test_run_py_command_line_reports_bad_override(tmp_path):
                              f"--config.run_dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "student.dtype='fp8'" in result.stderr
+
+
+def test_demo_pipeline_end_to_end_with_tiny_budgets(tmp_path):
+    """pretrain -> synthesize (MOTAB and teacher-only) -> sft -> eval on the generated problems."""
+    config = demo.get_config()
+    config.run_dir = str(tmp_path / "run")
+    config.data.demo_train, config.data.demo_held_out = 16, 4
+    config.pretrain.teacher.epochs = config.pretrain.student.epochs = 1
+    config.sft.epochs = 1
+    config.synthesis.traj_cap, config.synthesis.num_slots = 24, 8
+    config.eval.max_new_tokens = 16
+    summaries = run_pipeline(config)
+    run = Path(config.run_dir)
+    assert list(summaries) == ["pretrain", "synthesize", "sft", "eval"]
+    for policy in ("motab", "teacher_only"):
+        lines = (run / f"synthesis_{policy}.jsonl").read_text().splitlines()
+        assert len(lines) == 16 and summaries["synthesize"][policy]["records"] == 16
+        assert (run / f"sft_{policy}" / "hf" / "model.safetensors").exists()
+    assert set(summaries["eval"]) - {"seconds"} == {"student (before)", "teacher", "student after motab SFT",
+                                                      "student after teacher_only SFT"}
+    assert "| teacher |" in (run / "results.md").read_text()

@@ -17,12 +17,14 @@ import jax
 from motab_jax.models.factory import validate_model_spec
 from motab_jax.models.sharding import MeshConfig, initialize_distributed, make_mesh
 from motab_jax.pipeline.models_stage import run_models_stage
+from motab_jax.pipeline.stages import run_eval_stage, run_pretrain_stage, run_sft_stage, run_synthesize_stage
 
 log = logging.getLogger("motab_jax")
 
 Stage = Callable[[Any, Path, Any], dict[str, Any]]
-STAGES: dict[str, Stage] = {"models": run_models_stage}
-PLANNED_STAGES = ("synthesize", "sft", "kd", "eval")
+STAGES: dict[str, Stage] = {"models": run_models_stage, "pretrain": run_pretrain_stage,
+                            "synthesize": run_synthesize_stage, "sft": run_sft_stage, "eval": run_eval_stage}
+PLANNED_STAGES = ("kd",)
 
 
 class ConfigError(ValueError):

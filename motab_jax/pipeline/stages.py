@@ -1,0 +1,154 @@
+"""Stages of the job: pretrain (demo only), synthesize, sft, eval. Each reads the previous stages'
+outputs from the run directory and returns a JSON summary.
+
+Model resolution: a role's `path` when set; otherwise the model the `pretrain` stage wrote into the run
+directory; otherwise a random initialisation from the role's `init` fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh
+
+from motab_jax.data import BatchIterator, Example, SFTDataset, build_sft_rows, read_examples
+from motab_jax.eval import EvalConfig, evaluate
+from motab_jax.models.factory import build_model
+from motab_jax.motab import synthesize
+from motab_jax.pipeline.demo_data import write_demo_data
+from motab_jax.train import OptimizerConfig, TrainConfig, fit
+
+log = logging.getLogger("motab_jax")
+
+
+def _spec(config: Any, run_dir: Path, role: str) -> ml_collections.ConfigDict:
+    spec = ml_collections.ConfigDict(config[role].to_dict())
+    pretrained = run_dir / "pretrain" / role / "hf"
+    if not spec.path and (pretrained / "config.json").exists():
+        spec.path = str(pretrained)
+    return spec
+
+
+def _questions_file(config: Any, run_dir: Path) -> Path:
+    if config.data.questions == "demo":
+        return write_demo_data(run_dir / "data", config.data.demo_train, config.data.demo_held_out,
+                               config.seed)["train"]
+    return Path(config.data.questions)
+
+
+def _read_questions(path: Path, limit: int) -> list[dict[str, str]]:
+    questions = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                row = json.loads(line)
+                if not any(k in row for k in ("problem", "question", "prompt")):
+                    raise KeyError(f"{path}:{number}: no 'problem', 'question' or 'prompt' field")
+                questions.append(row)
+    return questions[:limit] if limit else questions
+
+
+def _train_config(section: Any, total_steps_hint: int | None = None) -> TrainConfig:
+    optimizer = OptimizerConfig(learning_rate=section.learning_rate, min_learning_rate=section.min_learning_rate,
+                                warmup_ratio=section.warmup_ratio, weight_decay=section.weight_decay,
+                                beta1=section.beta1, beta2=section.beta2, eps=section.eps, clip_norm=section.clip_norm)
+    return TrainConfig(optimizer=optimizer, micro_batches=section.micro_batches, chunk_size=section.chunk_size,
+                       save_every=section.save_every, keep_last=section.keep_last, max_steps=total_steps_hint or 0)
+
+
+def _fit_sft(model, tokenizer, examples: list[Example], section: Any, out: Path, mesh: Mesh, *,
+             mask_flawed: bool = False, max_steps: int = 0) -> dict[str, Any]:
+    rows, stats = build_sft_rows(examples, tokenizer, section.seq_len, mask_flawed_student_segment=mask_flawed,
+                                 cutoff_len=section.cutoff_len or None)
+    batches = BatchIterator(SFTDataset(rows), section.global_batch_size, seed=section.seed,
+                            num_epochs=section.epochs)
+    _, history = fit(model, batches, _train_config(section, max_steps), out, tokenizer=tokenizer, mesh=mesh)
+    losses = [h["loss"] for h in history]
+    return {"examples": len(examples), "rows": len(rows), "steps": len(history),
+            "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
+            "data": stats.as_dict(), "model": str(out / "hf")}
+
+
+def run_pretrain_stage(config: Any, run_dir: Path, mesh: Mesh) -> dict[str, Any]:
+    """Demo only: train the randomly initialised teacher and (less) student on the demo's solutions."""
+    path = _questions_file(config, run_dir)
+    examples = [Example(id=r["id"], prompt=[{"role": "user", "content": f"{r['problem']}\n{config.synthesis.instruction}"}],
+                        response=r["solution"]) for r in _read_questions(path, 0)]
+    summary = {}
+    for role in ("teacher", "student"):
+        model, tokenizer = build_model(config[role], mesh)
+        section = ml_collections.ConfigDict(config.sft.to_dict())
+        section.update(config.pretrain[role].to_dict())
+        summary[role] = _fit_sft(model, tokenizer, examples, section, run_dir / "pretrain" / role, mesh)
+    return summary
+
+
+def _policies(config: Any) -> list[str]:
+    return [p.strip() for p in str(config.policies).split(",") if p.strip()]
+
+
+def run_synthesize_stage(config: Any, run_dir: Path, mesh: Mesh) -> dict[str, Any]:
+    teacher, tokenizer = build_model(_spec(config, run_dir, "teacher"), mesh)
+    student, _ = build_model(_spec(config, run_dir, "student"), mesh)
+    questions = _read_questions(_questions_file(config, run_dir), config.data.limit)
+    summary = {}
+    for policy in _policies(config):
+        section = dict(config.synthesis.to_dict(), policy=policy,
+                       output_path=str(run_dir / f"synthesis_{policy}.jsonl"))
+        section["extra_stop_tokens"] = tuple(section["extra_stop_tokens"])
+        records = list(synthesize(student, teacher, tokenizer, questions, section))
+        done = [json.loads(line) for line in Path(section["output_path"]).read_text().splitlines()]
+        breached = [r for r in done if r["breach_step"]]
+        summary[policy] = {
+            "records": len(done), "new_records": len(records),
+            "breach_rate": len(breached) / max(len(done), 1),
+            "mean_root_cause_depth": float(np.mean([r["breach_step"] - r["root_step"] for r in breached]))
+            if breached else None,
+            "tokens": {k: int(sum(r["tokens"][k] for r in done)) for k in ("student", "revise", "teacher")}}
+        log.info("synthesis %s: %s", policy, summary[policy])
+    return summary
+
+
+def run_sft_stage(config: Any, run_dir: Path, mesh: Mesh) -> dict[str, Any]:
+    summary = {}
+    for policy in _policies(config):
+        model, tokenizer = build_model(_spec(config, run_dir, "student"), mesh)
+        examples, _ = read_examples(run_dir / f"synthesis_{policy}.jsonl")
+        summary[policy] = _fit_sft(model, tokenizer, examples, config.sft, run_dir / f"sft_{policy}", mesh,
+                                   mask_flawed=config.data.mask_flawed_student_segment)
+    return summary
+
+
+def run_eval_stage(config: Any, run_dir: Path, mesh: Mesh) -> dict[str, Any]:
+    e = config.eval
+    benchmarks = tuple(b.strip() for b in str(e.benchmarks).split(",") if b.strip())
+    if config.data.questions == "demo":
+        held_out = write_demo_data(run_dir / "data", config.data.demo_train, config.data.demo_held_out,
+                                   config.seed)["held_out"]
+        benchmarks = tuple(str(held_out) if b == "demo" else b for b in benchmarks)
+    eval_config = EvalConfig(benchmarks=benchmarks, samples=e.samples, temperature=e.temperature, top_p=e.top_p,
+                             max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, limit=e.limit)
+    candidates = {"student (before)": _spec(config, run_dir, "student"), "teacher": _spec(config, run_dir, "teacher")}
+    for policy in _policies(config):
+        spec = _spec(config, run_dir, "student")
+        spec.path = str(run_dir / f"sft_{policy}" / "hf")
+        candidates[f"student after {policy} SFT"] = spec
+    results = {}
+    for name, spec in candidates.items():
+        model, tokenizer = build_model(spec, mesh)
+        folder = run_dir / "eval" / name.replace(" ", "_").replace("(", "").replace(")", "")
+        results[name] = evaluate(model, tokenizer, folder, dataclasses.replace(eval_config), progress=True)
+    lines = ["| model | " + " | ".join(f"{Path(b).stem} avg@k" for b in benchmarks) + " |",
+             "| --- |" + " ---: |" * len(benchmarks)]
+    for name, per_benchmark in results.items():
+        lines.append(f"| {name} | " + " | ".join(f"{100 * s['avg@k']:.1f}" for s in per_benchmark.values()) + " |")
+    table = "\n".join(lines)
+    (run_dir / "results.md").write_text(table + "\n")
+    print("\n" + table)
+    return {name: {b: s["avg@k"] for b, s in r.items()} for name, r in results.items()}
