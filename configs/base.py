@@ -35,7 +35,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.seed = 0
     # Comma-separated stages to run, in order: "models" (load both models, check the shared vocabulary,
     # export the student), "pretrain" (demo only: train randomly initialised teacher and student on the demo's
-    # solutions), "synthesize", "sft", "eval". Each reads the previous stages' outputs from run_dir.
+    # solutions), "synthesize", "sft", "kd" (on-policy distillation), "eval". Each reads the previous stages'
+    # outputs from run_dir.
     config.stages = "synthesize,sft,eval"
     # Synthesis policies to run (and to SFT on, and evaluate): "motab", "teacher_only", "student_only",
     # "skd_step", "skd_token", "motab_no_adaptive", "motab_no_backtrack", "motab_no_stitch".
@@ -70,6 +71,15 @@ def get_config() -> ml_collections.ConfigDict:
     # Demo only: per-role overrides of the sft section for the "pretrain" stage.
     config.pretrain = ml_collections.ConfigDict(dict(teacher=ml_collections.ConfigDict(),
                                                      student=ml_collections.ConfigDict()))
+
+    # Optional on-policy KD after SFT (spec section 6): stage "kd". Losses: reverse_kl, forward_kl, jsd (beta),
+    # akl (alpha), skew_kl (alpha), skew_reverse_kl (alpha). from_policy: start from sft_<policy> ('' = the
+    # initial student).
+    config.kd = ml_collections.ConfigDict(dict(
+        from_policy="motab", loss="reverse_kl", beta=0.5, alpha=0.5, learning_rate=2e-6, min_learning_rate=0.0,
+        warmup_ratio=0.05, weight_decay=0.1, beta1=0.9, beta2=0.95, eps=1e-8, clip_norm=1.0, epochs=10,
+        prompts_per_step=8, samples_per_prompt=5, temperature=0.6, top_p=0.95, max_new_tokens=32768,
+        seq_len=34816, seed=42, micro_batches=1, chunk_size=512, save_every=50, keep_last=2))
 
     # Evaluation (spec section 7): comma-separated benchmarks (math500, aime24, aime25, amc23, gsm8k,
     # gpqa_diamond, hub:<id>, a JSONL path, or "demo" for the demo's held-out problems).

@@ -35,7 +35,7 @@ def test_demo_models_stage_and_resume(tmp_path):
 
 
 @pytest.mark.parametrize("field,value,pattern", [
-    ("stages", "kd", "'kd' is not implemented yet"),
+    ("stages", "distill", "unknown stage 'distill'"),
     ("stages", "train", "unknown stage 'train'"),
     ("student.dtype", "fp8", r"student\.dtype='fp8'"),
     ("teacher.tokenizer", "gpt2", r"teacher\.tokenizer='gpt2'"),
@@ -68,13 +68,17 @@ def test_demo_pipeline_end_to_end_with_tiny_budgets(tmp_path):
     config.sft.epochs = 1
     config.synthesis.traj_cap, config.synthesis.num_slots = 24, 8
     config.eval.max_new_tokens = 16
+    config.stages = "pretrain,synthesize,sft,kd,eval"
+    config.kd.update(dict(prompts_per_step=4, samples_per_prompt=2, max_new_tokens=8, seq_len=160, epochs=1,
+                          learning_rate=1e-4))
     summaries = run_pipeline(config)
     run = Path(config.run_dir)
-    assert list(summaries) == ["pretrain", "synthesize", "sft", "eval"]
+    assert list(summaries) == ["pretrain", "synthesize", "sft", "kd", "eval"]
+    assert summaries["kd"]["steps"] == 4 and (run / "kd" / "hf" / "model.safetensors").exists()
     for policy in ("motab", "teacher_only"):
         lines = (run / f"synthesis_{policy}.jsonl").read_text().splitlines()
         assert len(lines) == 16 and summaries["synthesize"][policy]["records"] == 16
         assert (run / f"sft_{policy}" / "hf" / "model.safetensors").exists()
     assert set(summaries["eval"]) - {"seconds"} == {"student (before)", "teacher", "student after motab SFT",
-                                                      "student after teacher_only SFT"}
+                                                      "student after teacher_only SFT", "student after on-policy KD"}
     assert "| teacher |" in (run / "results.md").read_text()

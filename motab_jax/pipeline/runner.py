@@ -17,14 +17,15 @@ import jax
 from motab_jax.models.factory import validate_model_spec
 from motab_jax.models.sharding import MeshConfig, initialize_distributed, make_mesh
 from motab_jax.pipeline.models_stage import run_models_stage
-from motab_jax.pipeline.stages import run_eval_stage, run_pretrain_stage, run_sft_stage, run_synthesize_stage
+from motab_jax.pipeline.stages import (run_eval_stage, run_kd_stage, run_pretrain_stage, run_sft_stage,
+                                       run_synthesize_stage)
 
 log = logging.getLogger("motab_jax")
 
 Stage = Callable[[Any, Path, Any], dict[str, Any]]
 STAGES: dict[str, Stage] = {"models": run_models_stage, "pretrain": run_pretrain_stage,
-                            "synthesize": run_synthesize_stage, "sft": run_sft_stage, "eval": run_eval_stage}
-PLANNED_STAGES = ("kd",)
+                            "synthesize": run_synthesize_stage, "sft": run_sft_stage, "kd": run_kd_stage,
+                            "eval": run_eval_stage}
 
 
 class ConfigError(ValueError):
@@ -38,9 +39,7 @@ def validate_config(config: Any) -> list[str]:
     if not stages:
         problems.append("stages is empty: give a comma-separated list, e.g. 'models'")
     for stage in stages:
-        if stage in PLANNED_STAGES:
-            problems.append(f"stages: {stage!r} is not implemented yet; implemented: {sorted(STAGES)}")
-        elif stage not in STAGES:
+        if stage not in STAGES:
             problems.append(f"stages: unknown stage {stage!r}; implemented: {sorted(STAGES)}")
     for name in ("teacher", "student"):
         problems += validate_model_spec(config[name], name)

@@ -22,7 +22,8 @@ from motab_jax.eval import EvalConfig, evaluate
 from motab_jax.models.factory import build_model
 from motab_jax.motab import synthesize
 from motab_jax.pipeline.demo_data import write_demo_data
-from motab_jax.train import OptimizerConfig, TrainConfig, fit
+from motab_jax.sampling.generate import default_stop_tokens
+from motab_jax.train import OptimizerConfig, RolloutConfig, RolloutSource, StepConfig, TrainConfig, fit
 
 log = logging.getLogger("motab_jax")
 
@@ -125,6 +126,39 @@ def run_sft_stage(config: Any, run_dir: Path, mesh: Mesh) -> dict[str, Any]:
     return summary
 
 
+def run_kd_stage(config: Any, run_dir: Path, mesh: Mesh) -> dict[str, Any]:
+    """On-policy distillation (spec section 6) of the student after SFT on `kd.from_policy`'s data."""
+    k = config.kd
+    teacher, tokenizer = build_model(_spec(config, run_dir, "teacher"), mesh)
+    spec = _spec(config, run_dir, "student")
+    sft_model = run_dir / f"sft_{k.from_policy}" / "hf"
+    if k.from_policy:
+        if not (sft_model / "config.json").exists():
+            raise FileNotFoundError(f"kd.from_policy={k.from_policy!r} but {sft_model} does not exist: run the "
+                                    "sft stage first, or set kd.from_policy='' to distil the initial student")
+        spec.path = str(sft_model)
+    student, _ = build_model(spec, mesh)
+    instruction = config.synthesis.instruction
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": f"{q['problem']}\n{instruction}"}],
+                                             add_generation_prompt=True, tokenize=True, return_dict=False)
+               for q in _read_questions(_questions_file(config, run_dir), config.data.limit)]
+    source = RolloutSource(student, prompts, default_stop_tokens(student, tokenizer), RolloutConfig(
+        prompts_per_step=k.prompts_per_step, samples_per_prompt=k.samples_per_prompt,
+        max_new_tokens=k.max_new_tokens, temperature=k.temperature, top_p=k.top_p, seq_len=k.seq_len,
+        epochs=k.epochs, seed=k.seed))
+    params = tuple((name, float(k[name])) for name in ("beta", "alpha") if k.loss in LOSS_PARAMS.get(name, ()))
+    _, history = fit(student, source, _train_config(k), run_dir / "kd", tokenizer=tokenizer, mesh=mesh,
+                     teacher=teacher, step_config=StepConfig(loss=k.loss, loss_params=params,
+                                                             chunk_size=k.chunk_size))
+    losses = [h["loss"] for h in history]
+    return {"steps": len(history), "first_loss": losses[0] if losses else None,
+            "last_loss": losses[-1] if losses else None, "model": str(run_dir / "kd" / "hf")}
+
+
+# Which KD losses take which parameter.
+LOSS_PARAMS = {"beta": ("jsd",), "alpha": ("akl", "skew_kl", "skew_reverse_kl")}
+
+
 def run_eval_stage(config: Any, run_dir: Path, mesh: Mesh) -> dict[str, Any]:
     e = config.eval
     benchmarks = tuple(b.strip() for b in str(e.benchmarks).split(",") if b.strip())
@@ -139,6 +173,10 @@ def run_eval_stage(config: Any, run_dir: Path, mesh: Mesh) -> dict[str, Any]:
         spec = _spec(config, run_dir, "student")
         spec.path = str(run_dir / f"sft_{policy}" / "hf")
         candidates[f"student after {policy} SFT"] = spec
+    if (run_dir / "kd" / "hf" / "config.json").exists():
+        spec = _spec(config, run_dir, "student")
+        spec.path = str(run_dir / "kd" / "hf")
+        candidates["student after on-policy KD"] = spec
     results = {}
     for name, spec in candidates.items():
         model, tokenizer = build_model(spec, mesh)
