@@ -13,7 +13,6 @@ from absl import app
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-
 DEMO_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "demo.py")
 _CONFIG = config_flags.DEFINE_config_file("config", default=DEMO_CONFIG, help_string="ml_collections config file "
                                           "(default: the embedded demo)", lock_config=True)

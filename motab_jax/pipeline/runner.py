@@ -17,8 +17,13 @@ import jax
 from motab_jax.models.factory import validate_model_spec
 from motab_jax.models.sharding import MeshConfig, initialize_distributed, make_mesh
 from motab_jax.pipeline.models_stage import run_models_stage
-from motab_jax.pipeline.stages import (run_eval_stage, run_kd_stage, run_pretrain_stage, run_sft_stage,
-                                       run_synthesize_stage)
+from motab_jax.pipeline.stages import (
+    run_eval_stage,
+    run_kd_stage,
+    run_pretrain_stage,
+    run_sft_stage,
+    run_synthesize_stage,
+)
 
 log = logging.getLogger("motab_jax")
 

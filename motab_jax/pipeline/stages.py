@@ -55,12 +55,12 @@ def _read_questions(path: Path, limit: int) -> list[dict[str, str]]:
     return questions[:limit] if limit else questions
 
 
-def _train_config(section: Any, total_steps_hint: int | None = None) -> TrainConfig:
+def _train_config(section: Any, max_steps: int = 0) -> TrainConfig:
     optimizer = OptimizerConfig(learning_rate=section.learning_rate, min_learning_rate=section.min_learning_rate,
                                 warmup_ratio=section.warmup_ratio, weight_decay=section.weight_decay,
                                 beta1=section.beta1, beta2=section.beta2, eps=section.eps, clip_norm=section.clip_norm)
     return TrainConfig(optimizer=optimizer, micro_batches=section.micro_batches, chunk_size=section.chunk_size,
-                       save_every=section.save_every, keep_last=section.keep_last, max_steps=total_steps_hint or 0)
+                       save_every=section.save_every, keep_last=section.keep_last, max_steps=max_steps)
 
 
 def _fit_sft(model, tokenizer, examples: list[Example], section: Any, out: Path, mesh: Mesh, *,
