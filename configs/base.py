@@ -55,9 +55,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.models = ml_collections.ConfigDict()
     config.models.probe_prompt = "What is 12 + 30? Put the final answer in \\boxed{}."
 
-    # Training questions: a JSONL file with `id` and `problem`, or "demo" (generated arithmetic problems).
+    # Training questions: a JSONL file with `id` and `problem`, "hf:<id>[:<config>][@<split>]" (needs the
+    # `datasets` package and the hub) with `question_fields` = "<question column>,<solution column>", or
+    # "demo" (generated arithmetic problems).
     config.data = ml_collections.ConfigDict(dict(
-        questions="", limit=0, demo_train=256, demo_held_out=40,
+        questions="", question_fields="", limit=0, demo_train=256, demo_held_out=40,
         mask_flawed_student_segment=False))  # SFT: also mask the flawed student steps before REVISE
 
     # Synthesis (spec section 3); every field of motab_jax.motab.synthesize.DEFAULTS.

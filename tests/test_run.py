@@ -82,3 +82,22 @@ def test_demo_pipeline_end_to_end_with_tiny_budgets(tmp_path):
     assert set(summaries["eval"]) - {"seconds"} == {"student (before)", "teacher", "student after motab SFT",
                                                       "student after teacher_only SFT", "student after on-policy KD"}
     assert "| teacher |" in (run / "results.md").read_text()
+
+
+@pytest.mark.parametrize("name", ["base", "demo", "limo", "acereason", "qwen3_8b_to_1p7b"])
+def test_shipped_configs_load_and_the_paper_ones_validate(name):
+    import importlib
+
+    config = importlib.import_module(f"configs.{name}").get_config()
+    problems = validate_config(config)
+    if name == "base":  # no models named: the error says which fields to set
+        assert any("teacher.path is empty" in p for p in problems)
+    else:
+        assert problems == []
+
+
+def test_hub_questions_fail_clearly_offline(tmp_path):
+    from motab_jax.pipeline.stages import _read_questions
+
+    with pytest.raises(Exception, match="HF_HUB_OFFLINE"):
+        _read_questions("hf:GAIR/LIMO-v2@train", 0, "question,solution")

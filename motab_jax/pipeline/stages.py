@@ -36,14 +36,25 @@ def _spec(config: Any, run_dir: Path, role: str) -> ml_collections.ConfigDict:
     return spec
 
 
-def _questions_file(config: Any, run_dir: Path) -> Path:
+def _questions_file(config: Any, run_dir: Path) -> Path | str:
     if config.data.questions == "demo":
         return write_demo_data(run_dir / "data", config.data.demo_train, config.data.demo_held_out,
                                config.seed)["train"]
-    return Path(config.data.questions)
+    return config.data.questions if str(config.data.questions).startswith(("hf:", "tfds:")) \
+        else Path(config.data.questions)
 
 
-def _read_questions(path: Path, limit: int) -> list[dict[str, str]]:
+def _read_questions(path: Path | str, limit: int, fields: str = "") -> list[dict[str, str]]:
+    """Training questions: a JSONL file with `id` and `problem` (or `question` / `prompt`), or any source
+    `motab_jax.data.read_examples` reads (e.g. `hf:GAIR/LIMO-v2@train`) with `fields` = "question,solution"
+    naming its question and solution columns."""
+    if str(path).startswith(("hf:", "tfds:")) or fields:
+        pair = tuple(f.strip() for f in fields.split(",")) if fields else None
+        if pair is not None and len(pair) != 2:
+            raise ValueError(f"data.question_fields={fields!r}: give two column names, 'question,solution'")
+        examples, _ = read_examples(str(path), fields=pair, limit=limit or None)
+        return [{"id": e.id, "problem": e.prompt if isinstance(e.prompt, str) else e.prompt[-1]["content"]}
+                for e in examples]
     questions = []
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
@@ -97,7 +108,7 @@ def _policies(config: Any) -> list[str]:
 def run_synthesize_stage(config: Any, run_dir: Path, mesh: Mesh) -> dict[str, Any]:
     teacher, tokenizer = build_model(_spec(config, run_dir, "teacher"), mesh)
     student, _ = build_model(_spec(config, run_dir, "student"), mesh)
-    questions = _read_questions(_questions_file(config, run_dir), config.data.limit)
+    questions = _read_questions(_questions_file(config, run_dir), config.data.limit, config.data.question_fields)
     summary = {}
     for policy in _policies(config):
         section = dict(config.synthesis.to_dict(), policy=policy,
@@ -141,7 +152,8 @@ def run_kd_stage(config: Any, run_dir: Path, mesh: Mesh) -> dict[str, Any]:
     instruction = config.synthesis.instruction
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": f"{q['problem']}\n{instruction}"}],
                                              add_generation_prompt=True, tokenize=True, return_dict=False)
-               for q in _read_questions(_questions_file(config, run_dir), config.data.limit)]
+               for q in _read_questions(_questions_file(config, run_dir), config.data.limit,
+                                        config.data.question_fields)]
     source = RolloutSource(student, prompts, default_stop_tokens(student, tokenizer), RolloutConfig(
         prompts_per_step=k.prompts_per_step, samples_per_prompt=k.samples_per_prompt,
         max_new_tokens=k.max_new_tokens, temperature=k.temperature, top_p=k.top_p, seq_len=k.seq_len,
