@@ -23,9 +23,10 @@ from motab_jax.eval.grading import GradingPool
 from motab_jax.eval.metrics import summarize
 from motab_jax.jsonl import append_records, read_records
 from motab_jax.models.transformer import Decoder
-from motab_jax.sampling.generate import default_stop_tokens
+from motab_jax.sampling.generate import batch_completions, default_stop_tokens
 from motab_jax.sampling.rules import make_rule
 from motab_jax.sampling.sampler import bucket, sample_batch
+from motab_jax.text.prompts import question_prompt
 
 log = logging.getLogger("motab_jax")
 
@@ -58,13 +59,8 @@ class EvalConfig:
 
 
 def build_prompt(tokenizer: Any, problem: Problem, spec: BenchmarkSpec, config: EvalConfig) -> tuple[str, list[int]]:
-    content = f"{problem.problem}\n{spec.instruction}"
-    if config.prompt_format == "chat":
-        messages = ([{"role": "system", "content": config.system_prompt}] if config.system_prompt else [])
-        messages.append({"role": "user", "content": content})
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return text, list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    return content, list(tokenizer(content)["input_ids"])
+    return question_prompt(tokenizer, problem.problem, spec.instruction, prompt_format=config.prompt_format,
+                           system_prompt=config.system_prompt)
 
 
 def _table(summaries: dict[str, dict[str, Any]]) -> str:
@@ -117,20 +113,14 @@ def _evaluate_one(model: Decoder, tokenizer: Any, spec: BenchmarkSpec, config: E
                               [i * spec.samples + j for i, j in chunk], rule=rule,
                               max_new_tokens=config.max_new_tokens, stop_tokens=stops, seed=config.seed,
                               batch_size=config.batch_size)
-        completions = []
-        for r in range(len(chunk)):
-            count = int(result.num_generated[r])
-            ids = result.tokens[r, :count].tolist()
-            stopped = bool(result.hit_stop[r])
-            completions.append((tokenizer.decode(ids[:-1] if stopped else ids, skip_special_tokens=True),
-                                "stop" if stopped else "length", count))
-        grades = pool.grade([(spec.kind, text, problems[i].answer) for (i, _), (text, _, _) in zip(chunk, completions)],
+        completions = batch_completions(result, tokenizer, len(chunk))
+        grades = pool.grade([(spec.kind, c.text, problems[i].answer) for (i, _), c in zip(chunk, completions)],
                             deadline=config.grading_deadline)
         records = ({"benchmark": spec.name, "problem_id": problems[i].id, "sample_index": j, "prompt": prompts[i][0],
-                    "completion": text, "extracted_answer": grade.extracted, "gold": problems[i].answer,
-                    "correct": grade.correct, "timed_out": grade.timed_out, "finish_reason": finish,
-                    "num_tokens": count}
-                   for (i, j), (text, finish, count), grade in zip(chunk, completions, grades))
+                    "completion": c.text, "extracted_answer": grade.extracted, "gold": problems[i].answer,
+                    "correct": grade.correct, "timed_out": grade.timed_out, "finish_reason": c.finish_reason,
+                    "num_tokens": len(c.token_ids)}
+                   for (i, j), c, grade in zip(chunk, completions, grades))
         for _ in append_records(path, records):
             bar.update(1)
     bar.close()

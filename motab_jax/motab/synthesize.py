@@ -32,6 +32,7 @@ from motab_jax.sampling.generate import default_stop_tokens
 from motab_jax.sampling.rules import make_rule
 from motab_jax.sampling.sampler import bucket
 from motab_jax.text import token_bytes_table
+from motab_jax.text.prompts import question_prompt
 
 log = logging.getLogger("motab_jax")
 
@@ -51,7 +52,8 @@ class Question:
     prompt_ids: tuple[int, ...] = ()  # an already tokenized prompt (used as is)
 
 
-def _questions(items: Sequence[Any]) -> list[Question]:
+def parse_questions(items: Sequence[Any]) -> list[Question]:
+    """Questions given as strings or dicts (id + problem / question / prompt, or prompt_ids)."""
     out = []
     for n, item in enumerate(items):
         if isinstance(item, str):
@@ -124,17 +126,11 @@ def check_memory(cfg: Mapping[str, Any], student: Decoder, teacher: Decoder) -> 
 def _encode(tokenizer: Any, question: Question, cfg: Mapping[str, Any]) -> tuple[str, list[int]]:
     if question.prompt_ids:
         return tokenizer.decode(list(question.prompt_ids)), list(question.prompt_ids)
-    content = f"{question.text}\n{cfg['instruction']}" if cfg["instruction"] else question.text
-    if cfg["prompt_format"] == "chat":
-        messages = [{"role": "user", "content": content}]
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    else:
-        text = content
-    ids = tokenizer(text, add_special_tokens=cfg["prompt_format"] == "raw")["input_ids"]
+    text, ids = question_prompt(tokenizer, question.text, cfg["instruction"], prompt_format=cfg["prompt_format"])
     if len(ids) > cfg["max_prompt_len"]:
         raise ValueError(f"question {question.id}: prompt has {len(ids)} tokens > max_prompt_len="
                          f"{cfg['max_prompt_len']}; raise max_prompt_len or shorten the question")
-    return text, list(ids)
+    return text, ids
 
 
 def synthesize(student: Decoder, teacher: Decoder, tokenizer: Any, questions: Sequence[Any],
@@ -153,7 +149,7 @@ def synthesize(student: Decoder, teacher: Decoder, tokenizer: Any, questions: Se
                          f"{teacher.config.output_vocab_size}: the models must share one vocabulary")
     if tokenizer is None:
         raise ValueError("synthesis needs the (shared) tokenizer")
-    items = _questions(questions)
+    items = parse_questions(questions)
     done = read_done(cfg["output_path"]) if cfg["output_path"] else set()
     queue = [(qi, r) for qi, q in enumerate(items) for r in range(cfg["samples_per_question"])
              if (q.id, r) not in done]

@@ -21,8 +21,10 @@ from motab_jax.data import BatchIterator, Example, SFTDataset, build_sft_rows, r
 from motab_jax.eval import EvalConfig, evaluate
 from motab_jax.models.factory import build_model
 from motab_jax.motab import synthesize
+from motab_jax.motab.synthesize import parse_questions
 from motab_jax.pipeline.demo_data import write_demo_data
 from motab_jax.sampling.generate import default_stop_tokens
+from motab_jax.text.prompts import question_content, question_prompt
 from motab_jax.train import OptimizerConfig, RolloutConfig, RolloutSource, StepConfig, TrainConfig, fit
 
 log = logging.getLogger("motab_jax")
@@ -90,7 +92,8 @@ def _fit_sft(model, tokenizer, examples: list[Example], section: Any, out: Path,
 def run_pretrain_stage(config: Any, run_dir: Path, mesh: Mesh) -> dict[str, Any]:
     """Demo only: train the randomly initialised teacher and (less) student on the demo's solutions."""
     path = _questions_file(config, run_dir)
-    examples = [Example(id=r["id"], prompt=[{"role": "user", "content": f"{r['problem']}\n{config.synthesis.instruction}"}],
+    examples = [Example(id=r["id"], prompt=[{"role": "user",
+                                             "content": question_content(r["problem"], config.synthesis.instruction)}],
                         response=r["solution"]) for r in _read_questions(path, 0)]
     summary = {}
     for role in ("teacher", "student"):
@@ -149,11 +152,11 @@ def run_kd_stage(config: Any, run_dir: Path, mesh: Mesh) -> dict[str, Any]:
                                     "sft stage first, or set kd.from_policy='' to distil the initial student")
         spec.path = str(sft_model)
     student, _ = build_model(spec, mesh)
-    instruction = config.synthesis.instruction
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": f"{q['problem']}\n{instruction}"}],
-                                             add_generation_prompt=True, tokenize=True, return_dict=False)
-               for q in _read_questions(_questions_file(config, run_dir), config.data.limit,
-                                        config.data.question_fields)]
+    # Prompted exactly as in synthesis, so the distilled student sees the prompts it was fine-tuned on.
+    questions = parse_questions(_read_questions(_questions_file(config, run_dir), config.data.limit,
+                                                config.data.question_fields))
+    prompts = [question_prompt(tokenizer, q.text, config.synthesis.instruction,
+                               prompt_format=config.synthesis.prompt_format)[1] for q in questions]
     source = RolloutSource(student, prompts, default_stop_tokens(student, tokenizer), RolloutConfig(
         prompts_per_step=k.prompts_per_step, samples_per_prompt=k.samples_per_prompt,
         max_new_tokens=k.max_new_tokens, temperature=k.temperature, top_p=k.top_p, seq_len=k.seq_len,

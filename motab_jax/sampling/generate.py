@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 
 from motab_jax.models.transformer import Decoder
 from motab_jax.sampling.rules import make_rule
-from motab_jax.sampling.sampler import sample_batch
+from motab_jax.sampling.sampler import BatchResult, sample_batch
 
 Prompt = str | Sequence[int] | Sequence[dict[str, str]]
 
@@ -35,6 +35,22 @@ def encode_prompt(tokenizer: Any, prompt: Prompt, chat_template: bool) -> list[i
     if not all(isinstance(t, (int,)) or hasattr(t, "__index__") for t in items):
         raise TypeError("a prompt must be a string, a list of chat messages or a list of token ids")
     return [int(t) for t in items]
+
+
+def batch_completions(result: BatchResult, tokenizer: Any, rows: int, *,
+                      with_logprobs: bool = False) -> list[Completion]:
+    """The first `rows` rows of a sampled batch as completions (the rest of the batch is padding)."""
+    out = []
+    for r in range(rows):
+        count = int(result.num_generated[r])
+        ids = result.tokens[r, :count].tolist()
+        stopped = bool(result.hit_stop[r])
+        text_ids = ids[:-1] if stopped else ids
+        out.append(Completion(
+            text=tokenizer.decode(text_ids, skip_special_tokens=True) if tokenizer is not None else "",
+            token_ids=ids, finish_reason="stop" if stopped else "length",
+            logprobs=result.logprobs[r, :count].tolist() if with_logprobs else None))
+    return out
 
 
 def default_stop_tokens(model: Decoder, tokenizer: Any) -> list[int]:
@@ -69,13 +85,7 @@ def generate(model: Decoder, tokenizer: Any, prompts: Sequence[Prompt], *, n: in
         chunk = rows[start:start + batch]
         out = sample_batch(model, [encoded[i] for i, _ in chunk], [i * n + j for i, j in chunk], rule=rule,
                            max_new_tokens=max_new_tokens, stop_tokens=stops, seed=seed, batch_size=batch)
-        for r, (i, _) in enumerate(chunk):
-            count = int(out.num_generated[r])
-            ids = out.tokens[r, :count].tolist()
-            stopped = bool(out.hit_stop[r])
-            text_ids = ids[:-1] if stopped else ids
-            results[i].append(Completion(
-                text=tokenizer.decode(text_ids, skip_special_tokens=True) if tokenizer is not None else "",
-                token_ids=ids, finish_reason="stop" if stopped else "length",
-                logprobs=out.logprobs[r, :count].tolist() if return_logprobs else None))
+        for (i, _), completion in zip(chunk, batch_completions(out, tokenizer, len(chunk),
+                                                                with_logprobs=return_logprobs)):
+            results[i].append(completion)
     return results
