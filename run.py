@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 
 from absl import app
 from absl import logging as absl_logging
@@ -28,15 +29,18 @@ def main(argv: list[str]) -> int:
     ours.setLevel(logging.INFO)
     ours.propagate = False
     config = _CONFIG.value
-    from motab_jax.pipeline import run_pipeline
-    from motab_jax.pipeline.runner import ConfigError
+    from motab_jax.pipeline import ConfigError, run_pipeline
 
+    start = time.monotonic()
     try:
         summaries = run_pipeline(config)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print("\nfinished stages: " + ", ".join(summaries) + f"  (outputs in {config.run_dir})")
+    results = os.path.join(config.run_dir, "results.md")
+    print("\n" + open(results, encoding="utf-8").read())
+    print(f"finished stages: {', '.join(summaries)} in {time.monotonic() - start:.0f} s; outputs in {config.run_dir} "
+          f"(results.md, run.log, config.json)")
     return 0
 
 

@@ -33,13 +33,19 @@ def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.run_dir = "runs/base"  # everything the job writes: resolved config, logs, exports, tables
     config.seed = 0
+    # Compiled XLA programs are kept here, so a rerun (after a kill or a preemption) skips compilation:
+    # "auto" = <run_dir>/jax_cache, "" = off, or a folder (shared by runs). JAX_COMPILATION_CACHE_DIR wins.
+    config.compilation_cache_dir = "auto"
     # Comma-separated stages to run, in order: "models" (load both models, check the shared vocabulary,
     # export the student), "pretrain" (demo only: train randomly initialised teacher and student on the demo's
     # solutions), "synthesize", "sft", "kd" (on-policy distillation), "eval". Each reads the previous stages'
     # outputs from run_dir.
     config.stages = "synthesize,sft,eval"
-    # Synthesis policies to run (and to SFT on, and evaluate): "motab", "teacher_only", "student_only",
-    # "skd_step", "skd_token", "motab_no_adaptive", "motab_no_backtrack", "motab_no_stitch".
+    # Synthesis runs (each is SFT'd on and evaluated), comma-separated: "motab", "teacher_only", "student_only",
+    # "skd_step", "skd_token", "motab_no_adaptive", "motab_no_backtrack", "motab_no_stitch", each optionally with
+    # synthesis fields overridden for that run: "skd_step@gamma=0.6,skd_step@gamma=0.8,motab@eps0=0.3&theta=2"
+    # (fields: eps0, theta, gamma, token_top_k, entropy_top_k, temperature, teacher_temperature,
+    # draft_temperature, top_p, revise, seed). Files are named by the entry: synthesis_skd_step_gamma0.6.jsonl.
     config.policies = "motab"
 
     config.teacher = model_spec()
@@ -86,6 +92,6 @@ def get_config() -> ml_collections.ConfigDict:
     # Evaluation (spec section 7): comma-separated benchmarks (math500, aime24, aime25, amc23, gsm8k,
     # gpqa_diamond, hub:<id>, a JSONL path, or "demo" for the demo's held-out problems).
     config.eval = ml_collections.ConfigDict(dict(
-        benchmarks="math500,aime24,aime25,amc23", samples=0, temperature=0.6, top_p=0.95, max_new_tokens=32768,
+        benchmarks="math500,aime24,aime25,amc23", samples=0, temperature=0.6, top_p=0.95, top_k=0, max_new_tokens=32768,
         batch_size=64, limit=0))
     return config

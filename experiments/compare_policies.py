@@ -5,8 +5,8 @@ for each policy, and one comparison table.
     python experiments/compare_policies.py --config=configs/limo.py          # a real pair on accelerators
     python experiments/compare_policies.py --config.policies=motab,skd_step --config.synthesis.gamma=0.8
 
-It is `run.py` with every policy enabled (MOTAB, teacher-only, student-only, SKD step- and token-level, and
-the three MOTAB ablations) plus a table that puts each policy's synthesis statistics beside the accuracy of
+It is `run.py` with every policy enabled (MOTAB, teacher-only, student-only, SKD step-level with gamma swept
+over 0.6-1.0, SKD token-level, and the three MOTAB ablations) plus a table that puts each policy's synthesis statistics beside the accuracy of
 the student trained on its data. Reruns resume like `run.py`.
 """
 
@@ -25,8 +25,10 @@ from ml_collections import config_flags  # noqa: E402
 
 from motab_jax.pipeline import run_pipeline  # noqa: E402
 
-ALL_POLICIES = ("motab,teacher_only,student_only,skd_step,skd_token,motab_no_adaptive,motab_no_backtrack,"
-                "motab_no_stitch")
+# MOTAB, the SKD step-level gamma sweep of the paper, SKD token-level, teacher-only, student-only, the ablations.
+ALL_POLICIES = ",".join(["motab"] + [f"skd_step@gamma={g}" for g in ("0.6", "0.7", "0.8", "0.9", "1.0")]
+                        + ["skd_token", "teacher_only", "student_only", "motab_no_adaptive", "motab_no_backtrack",
+                           "motab_no_stitch"])
 DEMO = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.py")
 _CONFIG = config_flags.DEFINE_config_file("config", default=DEMO, lock_config=False)
 

@@ -87,21 +87,21 @@ def _score(teacher: Forward, ctx: list[int], step: list[int]) -> float:
 
 def motab(student: Forward, teacher: Forward, tokenizer, prompt: list[int], s: Settings, eps0: float, theta: float,
           backtrack: bool = True) -> dict:
-    ctx, steps, values, boundaries = list(prompt), [], [], []
+    ctx, steps, values, boundaries, entropies = list(prompt), [], [], [], []
     generated = 0
     while True:
         entropy = topk_entropy(teacher.next_logits(ctx), s.entropy_top_k)  # second prefill: H(s_{t-1})
         step = _student_step(student, tokenizer, ctx, generated, s)
         value = math.exp(_score(teacher, ctx, step))  # first prefill: V_T(s_{t-1}, a_t)
         eps = eps0 * math.exp(-theta * entropy)
-        steps.append(step), values.append(value), boundaries.append(eps)
+        steps.append(step), values.append(value), boundaries.append(eps), entropies.append(entropy)
         generated += len(step)
         if value >= eps:
             ctx += step
             if step[-1] in s.eos or generated >= s.traj_cap:
                 finish = "eos" if step[-1] in s.eos else "length"
-                return dict(steps=steps, values=values, eps=boundaries, breach=None, root=None, teacher=[],
-                            finish=finish)
+                return dict(steps=steps, values=values, eps=boundaries, entropy=entropies, breach=None, root=None,
+                            teacher=[], finish=finish)
             continue
         t = len(steps)
         if t == 1 or not backtrack:
@@ -112,8 +112,8 @@ def motab(student: Forward, teacher: Forward, tokenizer, prompt: list[int], s: S
         safe = [tok for st in steps[:t_star - 1] for tok in st]
         budget = max(s.teacher_min_budget, s.traj_cap - len(safe))
         teacher_out, finish = _teacher_tokens(teacher, list(prompt) + safe, budget, s)
-        return dict(steps=steps, values=values, eps=boundaries, breach=t, root=t_star, teacher=teacher_out,
-                    finish=finish, safe=len(safe))
+        return dict(steps=steps, values=values, eps=boundaries, entropy=entropies, breach=t, root=t_star,
+                    teacher=teacher_out, finish=finish, safe=len(safe))
 
 
 def skd_step(student: Forward, teacher: Forward, tokenizer, prompt: list[int], s: Settings, gamma: float) -> dict:

@@ -97,6 +97,7 @@ def test_motab_equals_reference(delimiter, eps0, theta, extra, backtrack):
         assert record["breach_step"] == want["breach"] and record["root_step"] == want["root"]
         np.testing.assert_allclose([s["value"] for s in record["steps"]], want["values"], atol=1e-5, rtol=0)
         np.testing.assert_allclose([s["eps"] for s in record["steps"]], want["eps"], atol=1e-5, rtol=0)
+        np.testing.assert_allclose([s["entropy"] for s in record["steps"]], want["entropy"], atol=1e-5, rtol=0)
         student_ids = _ids(record, "student")
         starts = [s["start"] for s in record["steps"]] + [len(student_ids)]
         assert [student_ids[a:b] for a, b in zip(starts, starts[1:])] == want["steps"]
@@ -293,8 +294,10 @@ def test_input_errors_are_clear():
         list(motab_jax.synthesize(student, teacher, tok, [{"id": "a", "text": "x"}], BASE))
     with pytest.raises(ValueError, match="policy='best'"):
         list(motab_jax.synthesize(student, teacher, tok, _questions(), dict(BASE, policy="best")))
-    with pytest.raises(ValueError, match="unknown synthesis fields"):
+    with pytest.raises(ValueError, match="unknown field 'epsilon'"):
         list(motab_jax.synthesize(student, teacher, tok, _questions(), dict(BASE, epsilon=0.1)))
+    with pytest.raises(ValueError, match=r"eps0=1.5: must be in \(0, 1\].*theta=-1: must be >= 0"):
+        list(motab_jax.synthesize(student, teacher, tok, _questions(), dict(BASE, eps0=1.5, theta=-1)))
 
 
 def test_no_stitch_ablation_keeps_only_safe_prefix_and_teacher_text():

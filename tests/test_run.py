@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from configs import demo
-from motab_jax.pipeline import run_pipeline, validate_config
-from motab_jax.pipeline.runner import ConfigError
+from motab_jax.pipeline import ConfigError, run_pipeline, validate_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,6 +43,23 @@ def test_demo_models_stage_and_resume(tmp_path):
     ("teacher.tokenizer", "gpt2", r"teacher\.tokenizer='gpt2'"),
     ("teacher.path", "./missing", r"teacher\.path='./missing'"),
     ("mesh.tensor", 3, "mesh: "),
+    ("synthesis.eps0", 0.0, r"synthesis\.eps0=0\.0: must be in \(0, 1\]"),
+    ("synthesis.eps0", 1.5, r"synthesis\.eps0=1\.5: must be in \(0, 1\]"),
+    ("synthesis.theta", -0.5, r"synthesis\.theta=-0\.5: must be >= 0"),
+    ("synthesis.top_p", 0.0, r"synthesis\.top_p=0\.0: must be in \(0, 1\]"),
+    ("synthesis.num_slots", 0, r"synthesis\.num_slots=0: must be an integer >= 1"),
+    ("synthesis.delimiter", "", r"synthesis\.delimiter='': must be a non-empty string"),
+    ("policies", "motab,best", r"unknown policy 'best'.*accepted: motab"),
+    ("policies", "skd_step@gamma=x", r"skd_step@gamma=x"),
+    ("policies", "skd_step@gama=0.8", r"'gama=0.8'.*eps0, theta, gamma"),
+    ("policies", "motab,motab", r"repeat a run"),
+    ("sft.learning_rate", 0.0, r"sft\.learning_rate=0\.0: must be > 0"),
+    ("sft.micro_batches", 3, r"sft\.micro_batches=3 must divide sft\.global_batch_size=16"),
+    ("kd.loss", "kl", r"kd\.loss='kl': accepted \['akl'"),
+    ("kd.from_policy", "skd_step", r"kd\.from_policy='skd_step': not among policies"),
+    ("eval.benchmarks", "math500,mmlu", r"'mmlu' is not a known benchmark"),
+    ("eval.top_p", 1.5, r"eval\.top_p=1\.5: must be in \(0, 1\]"),
+    ("data.questions", "missing.jsonl", r"data\.questions='missing\.jsonl': no such file"),
 ])
 def test_validation_names_field_and_accepted_values(field, value, pattern):
     config = demo.get_config()
@@ -59,20 +78,36 @@ def test_run_py_command_line_reports_bad_override(tmp_path):
     assert "student.dtype='fp8'" in result.stderr
 
 
-def test_demo_pipeline_end_to_end_with_tiny_budgets(tmp_path):
-    """pretrain -> synthesize (MOTAB and teacher-only) -> sft -> eval on the generated problems."""
+# The demo with tiny budgets: every stage runs in well under a minute. Dotted keys, as on run.py's command line.
+TINY = {"data.demo_train": 16, "data.demo_held_out": 4, "pretrain.teacher.epochs": 1, "pretrain.student.epochs": 1,
+        "sft.epochs": 1, "sft.save_every": 2, "synthesis.traj_cap": 24, "synthesis.num_slots": 4,
+        "synthesis.iterations_per_sync": 4, "eval.max_new_tokens": 16, "stages": "pretrain,synthesize,sft,kd,eval",
+        "kd.prompts_per_step": 4, "kd.samples_per_prompt": 2, "kd.max_new_tokens": 8, "kd.seq_len": 160,
+        "kd.epochs": 1, "kd.learning_rate": 1e-4}
+
+
+def _tiny_config(run_dir: Path):
     config = demo.get_config()
-    config.run_dir = str(tmp_path / "run")
-    config.data.demo_train, config.data.demo_held_out = 16, 4
-    config.pretrain.teacher.epochs = config.pretrain.student.epochs = 1
-    config.sft.epochs = 1
-    config.synthesis.traj_cap, config.synthesis.num_slots = 24, 8
-    config.eval.max_new_tokens = 16
-    config.stages = "pretrain,synthesize,sft,kd,eval"
-    config.kd.update(dict(prompts_per_step=4, samples_per_prompt=2, max_new_tokens=8, seq_len=160, epochs=1,
-                          learning_rate=1e-4))
-    summaries = run_pipeline(config)
-    run = Path(config.run_dir)
+    config.run_dir = str(run_dir)
+    for key, value in TINY.items():
+        section, _, field = key.rpartition(".")
+        target = config
+        for part in filter(None, section.split(".")):
+            target = target[part]
+        target[field] = value
+    return config
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One uninterrupted tiny demo job (in process), shared by the tests below."""
+    config = _tiny_config(tmp_path_factory.mktemp("tiny") / "run")
+    return run_pipeline(config), Path(config.run_dir)
+
+
+def test_demo_pipeline_end_to_end_with_tiny_budgets(tiny_run):
+    """pretrain -> synthesize (MOTAB and teacher-only) -> sft -> kd -> eval on the generated problems."""
+    summaries, run = tiny_run
     assert list(summaries) == ["pretrain", "synthesize", "sft", "kd", "eval"]
     assert summaries["kd"]["steps"] == 4 and (run / "kd" / "hf" / "model.safetensors").exists()
     for policy in ("motab", "teacher_only"):
@@ -81,7 +116,66 @@ def test_demo_pipeline_end_to_end_with_tiny_budgets(tmp_path):
         assert (run / f"sft_{policy}" / "hf" / "model.safetensors").exists()
     assert set(summaries["eval"]) - {"seconds"} == {"student (before)", "teacher", "student after motab SFT",
                                                       "student after teacher_only SFT", "student after on-policy KD"}
-    assert "| teacher |" in (run / "results.md").read_text()
+    results = (run / "results.md").read_text()
+    assert "| teacher |" in results and "| motab | 16 |" in results and "| teacher_only | 16 | 0.00 |" in results
+    assert "stage sft: finished" in (run / "run.log").read_text()
+    # Teacher-only records are all teacher tokens; MOTAB's breach rate is the fraction of records with a breach.
+    records = [json.loads(line) for line in (run / "synthesis_motab.jsonl").read_text().splitlines()]
+    assert summaries["synthesize"]["motab"]["breach_rate"] == sum(bool(r["breach_step"]) for r in records) / 16
+
+
+def _outputs(run: Path) -> dict[str, object]:
+    """Everything a job produces that must not depend on where it was interrupted."""
+    out: dict[str, object] = {}
+    for path in sorted(run.glob("synthesis_*.jsonl")) + sorted(run.glob("eval/*/*.samples.jsonl")):
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        for row in rows:
+            row.pop("seconds", None)
+        out[str(path.relative_to(run))] = sorted(rows, key=lambda r: json.dumps(r, sort_keys=True))
+    for path in sorted(run.glob("*/hf/model.safetensors")) + sorted(run.glob("pretrain/*/hf/model.safetensors")):
+        out[str(path.relative_to(run))] = path.read_bytes()
+    out["results"] = (run / "results.md").read_text().split("## Stages")[0]
+    return out
+
+
+def _kill_when(command: list[str], run: Path, condition, env: dict[str, str]) -> bool:
+    """Start `command`, SIGKILL it as soon as `condition(run)` holds; True if it was killed before finishing."""
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while process.poll() is None and time.monotonic() < deadline:
+        if condition(run):
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+            return True
+        time.sleep(0.02)
+    process.kill()
+    process.wait()
+    return False
+
+
+def test_killed_run_resumes_to_the_same_outputs(tiny_run, tmp_path):
+    """run.py killed (SIGKILL) mid-synthesis and again mid-SFT, then rerun: the outputs equal an uninterrupted
+    run's, byte for byte for the exported models."""
+    _, reference = tiny_run
+    run = tmp_path / "run"
+    command = [sys.executable, "run.py", f"--config.run_dir={run}"] + [f"--config.{k}={v}" for k, v in TINY.items()]
+    env = dict(os.environ, JAX_DEFAULT_MATMUL_PRECISION="highest")
+
+    def lines(path: Path) -> int:
+        return len(path.read_text().splitlines()) if path.exists() else 0
+
+    assert _kill_when(command, run, lambda r: lines(r / "synthesis_motab.jsonl") >= 2, env)
+    assert not (run / "stages" / "synthesize.done").exists()
+    assert _kill_when(command, run, lambda r: any((r / "sft_motab" / "checkpoints").glob("*")), env)
+    assert not (run / "stages" / "sft.done").exists()
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "stage pretrain: already finished, skipped" in result.stderr
+    assert "## Accuracy" in result.stdout
+    resumed, uninterrupted = _outputs(run), _outputs(reference)
+    assert sorted(resumed) == sorted(uninterrupted)
+    for key in uninterrupted:
+        assert resumed[key] == uninterrupted[key], key
 
 
 @pytest.mark.parametrize("name", ["base", "demo", "limo", "acereason", "qwen3_8b_to_1p7b"])
@@ -101,3 +195,25 @@ def test_hub_questions_fail_clearly_offline(tmp_path):
 
     with pytest.raises(Exception, match="HF_HUB_OFFLINE"):
         _read_questions("hf:GAIR/LIMO-v2@train", 0, "question,solution")
+
+
+def test_preflight_checks_the_pair_before_loading_weights(tmp_path):
+    from motab_jax.pipeline import preflight
+
+    config = demo.get_config()
+    assert validate_config(config) == [] and preflight(config) == []
+    config.synthesis.entropy_top_k = 1000  # the byte-level vocabulary has 384 ids
+    config.synthesis.memory_budget_gb = 1e-4
+    problems = preflight(config)
+    assert any(re.match(r"synthesis\.entropy_top_k=1000: must be <= the vocabulary \(2\d\d ids\)", p)
+               for p in problems), problems
+    assert any(p.startswith("memory: stage synthesize needs at least") for p in problems), problems
+    config = demo.get_config()
+    config.student.tokenizer = "qwen3"  # a different vocabulary than the teacher's byte-level one
+    config.student.init.vocab_size = 151669
+    problems = preflight(config)
+    assert any("teacher and student tokenizers differ" in p for p in problems), problems
+    config.run_dir = str(tmp_path / "never")
+    with pytest.raises(ConfigError, match="tokenizers differ"):
+        run_pipeline(config)
+    assert not (tmp_path / "never").exists()  # nothing written before the configuration is known to be valid

@@ -9,6 +9,7 @@ the samples file, so an interrupted evaluation resumes where it stopped.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -74,8 +75,11 @@ def _table(summaries: dict[str, dict[str, Any]]) -> str:
 
 
 def evaluate(model: Decoder, tokenizer: Any, output_dir: str | os.PathLike, config: EvalConfig | None = None,
-             *, progress: bool = True) -> dict[str, dict[str, Any]]:
-    """Evaluate `model` on `config.benchmarks`; returns {benchmark: summary} and writes the output files."""
+             *, progress: bool = True, pool: GradingPool | None = None) -> dict[str, dict[str, Any]]:
+    """Evaluate `model` on `config.benchmarks`; returns {benchmark: summary} and writes the output files.
+
+    `pool`: grading workers to use (and leave running), e.g. one pool for several models; by default a pool
+    is started and stopped here (starting its workers costs seconds: fresh interpreters importing sympy)."""
     config = config or EvalConfig()
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -83,7 +87,10 @@ def evaluate(model: Decoder, tokenizer: Any, output_dir: str | os.PathLike, conf
     rule = make_rule(config.temperature, config.top_p, config.top_k)
     stops = default_stop_tokens(model, tokenizer)
     summaries: dict[str, dict[str, Any]] = {}
-    with GradingPool(num_workers=config.grading_workers, item_timeout=config.item_timeout) as pool:
+    with contextlib.ExitStack() as stack:
+        if pool is None:
+            pool = stack.enter_context(GradingPool(num_workers=config.grading_workers,
+                                                   item_timeout=config.item_timeout))
         for spec in specs:
             summaries[spec.name] = _evaluate_one(model, tokenizer, spec, config, rule, stops, pool,
                                                  out / f"{spec.name}.samples.jsonl", progress)

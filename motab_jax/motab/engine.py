@@ -204,6 +204,7 @@ def _apply_tokens(spec: EngineSpec, tables: EngineTables, s: EngineState, tokens
         write = jnp.where(step_end, st.num_steps, max_steps)
         step_value = st.step_value.at[rows, write].set(v_teacher if policy.needs_teacher else jnp.nan, mode="drop")
         step_eps = st.step_eps.at[rows, write].set(eps, mode="drop")
+        step_h = st.step_h.at[rows, write].set(step_entropy, mode="drop")
         num_steps = st.num_steps + step_end
         breach = step_end & ~accept
         kept = step_end & accept
@@ -235,7 +236,7 @@ def _apply_tokens(spec: EngineSpec, tables: EngineTables, s: EngineState, tokens
             step_sum_teacher=jnp.where(reset, 0.0, sum_t), step_sum_student=jnp.where(reset, 0.0, sum_s),
             step_count=jnp.where(reset | breach, 0, step_count), step_entropy=step_entropy,
             automaton=jnp.where(reset | breach, 0, automaton), num_steps=num_steps, step_start=step_start,
-            step_value=step_value, step_eps=step_eps,
+            step_value=step_value, step_eps=step_eps, step_h=step_h,
             breach_step=jnp.where(first_breach, num_steps, st.breach_step),
             root_step=jnp.where(first_breach, t_star, st.root_step),
             safe_len=jnp.where(first_breach, safe, st.safe_len), teacher_budget=teacher_budget,
@@ -326,7 +327,7 @@ def refill(spec: EngineSpec, student_def: Any, teacher_def: Any, student_params:
 
     zero_fields = ["iteration", "finish", "out_len", "explore_len", "step_sum_teacher", "step_sum_student",
                    "step_count", "step_entropy", "automaton", "num_steps", "step_start", "step_value", "step_eps",
-                   "breach_step", "root_step", "safe_len", "interventions", "drafted", "accepted_drafts",
+                   "step_h", "breach_step", "root_step", "safe_len", "interventions", "drafted", "accepted_drafts",
                    "teacher_forwards", "student_lag", "previous"]
     start_mode = TEACHER if spec.policy.starts_with_teacher else EXPLORE
     return dataclasses.replace(

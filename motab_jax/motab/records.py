@@ -47,9 +47,11 @@ def build_record(tokenizer: Any, slot: dict[str, np.ndarray], *, question_id: st
         "id": question_id, "sample_index": sample_index, "prompt": prompt, "policy": policy_name,
         "response": "".join(s["text"] for s in segments), "segments": segments,
         # value None: a step the teacher wrote (one-step policies), or no teacher monitoring (student-only).
-        "steps": [{"start": int(start), "value": None if np.isnan(v) else float(v), "eps": float(e)}
-                  for start, v, e in zip(slot["step_start"][:num_steps], slot["step_value"][:num_steps],
-                                         slot["step_eps"][:num_steps])],
+        # entropy: the teacher's top-k entropy H(s_{t-1}) at the state before the step, which set eps.
+        "steps": [{"start": int(start), "value": None if np.isnan(v) else float(v), "eps": float(e),
+                   "entropy": float(h)}
+                  for start, v, e, h in zip(slot["step_start"][:num_steps], slot["step_value"][:num_steps],
+                                            slot["step_eps"][:num_steps], slot["step_h"][:num_steps])],
         "breach_step": breach or None, "root_step": int(slot["root_step"]) or None,
         "safe_prefix_tokens": int(slot["safe_len"]) if breach else None,
         "interventions": int(slot["interventions"]), "tokens": counts,

@@ -55,6 +55,7 @@ class EngineState:
     step_start: jax.Array  # [B, max_steps] int32: record offset where each step starts
     step_value: jax.Array  # [B, max_steps] float32: V_T
     step_eps: jax.Array  # [B, max_steps] float32: eps
+    step_h: jax.Array  # [B, max_steps] float32: teacher top-k entropy H(s_{t-1}) that set eps
     breach_step: jax.Array  # [B] int32: 1-based t of the (first) rejected step, 0 if none
     root_step: jax.Array  # [B] int32: 1-based t*, 0 if none
     safe_len: jax.Array  # [B] int32: record tokens before step t* (the safe prefix)
@@ -90,5 +91,6 @@ def empty_state(num_slots: int, out_cap: int, max_steps: int, student_cache: KVC
         explore_len=zi(), step_sum_teacher=zf(), step_sum_student=zf(), step_count=zi(), step_entropy=zf(), automaton=zi(),
         num_steps=zi(), step_start=jnp.zeros((b, max_steps), jnp.int32),
         step_value=jnp.zeros((b, max_steps), jnp.float32), step_eps=jnp.zeros((b, max_steps), jnp.float32),
+        step_h=jnp.zeros((b, max_steps), jnp.float32),
         breach_step=zi(), root_step=zi(), safe_len=zi(), teacher_budget=zi(), interventions=zi(), drafted=zi(),
         accepted_drafts=zi(), teacher_forwards=zi())

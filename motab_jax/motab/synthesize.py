@@ -71,18 +71,39 @@ def parse_questions(items: Sequence[Any]) -> list[Question]:
     return out
 
 
+def synthesis_problems(cfg: Mapping[str, Any]) -> list[str]:
+    """Every invalid value in a synthesis section (field names as in DEFAULTS), with the accepted range."""
+    problems = [f"unknown field {k!r}; accepted: {sorted(DEFAULTS)}" for k in sorted(set(cfg) - set(DEFAULTS))]
+
+    def need(ok: bool, field: str, rule: str) -> None:
+        if field in cfg and not ok:
+            problems.append(f"{field}={cfg[field]!r}: must be {rule}")
+
+    def number(field: str) -> float:
+        value = cfg.get(field, DEFAULTS[field])
+        return value if isinstance(value, (int, float)) and not isinstance(value, bool) else float("nan")
+
+    need(0 < number("eps0") <= 1, "eps0", "in (0, 1] (the paper: 0.2; useful 0.1-0.5)")
+    need(number("theta") >= 0, "theta", ">= 0 (0 = a fixed boundary eps0; the paper: 1.0)")
+    need(number("gamma") > 0, "gamma", "> 0 (SKD step-level; the paper sweeps 0.6-1.0)")
+    for field in ("token_top_k", "entropy_top_k", "draft_len", "num_slots", "step_cap", "traj_cap",
+                  "teacher_min_budget", "max_steps", "max_prompt_len", "samples_per_question", "iterations_per_sync"):
+        need(isinstance(cfg.get(field), int) and number(field) >= 1, field, "an integer >= 1")
+    for field in ("temperature", "teacher_temperature", "draft_temperature"):
+        need(number(field) >= 0, field, ">= 0 (0 = greedy)")
+    need(0 < number("top_p") <= 1, "top_p", "in (0, 1]")
+    need(number("memory_budget_gb") >= 0, "memory_budget_gb", ">= 0 (0 = the devices' memory)")
+    need(bool(cfg.get("delimiter")), "delimiter", "a non-empty string (the paper: '.\\n\\n')")
+    need(cfg.get("prompt_format", "chat") in ("chat", "raw"), "prompt_format", "'chat' or 'raw'")
+    return problems
+
+
 def resolve_config(config: Mapping[str, Any] | None) -> dict[str, Any]:
     cfg = dict(DEFAULTS)
-    unknown = set(config or {}) - set(DEFAULTS)
-    if unknown:
-        raise ValueError(f"unknown synthesis fields {sorted(unknown)}; accepted: {sorted(DEFAULTS)}")
     cfg.update(config or {})
-    if cfg["draft_len"] < 1 or cfg["num_slots"] < 1 or cfg["samples_per_question"] < 1:
-        raise ValueError("draft_len, num_slots and samples_per_question must be >= 1")
-    if cfg["prompt_format"] not in ("chat", "raw"):
-        raise ValueError(f"prompt_format={cfg['prompt_format']!r}; accepted: 'chat', 'raw'")
-    if not 1 <= cfg["entropy_top_k"]:
-        raise ValueError(f"entropy_top_k={cfg['entropy_top_k']} must be >= 1")
+    problems = synthesis_problems(cfg)
+    if problems:
+        raise ValueError("invalid synthesis configuration: " + "; ".join(problems))
     return cfg
 
 
@@ -226,8 +247,8 @@ def _run(spec: EngineSpec, cfg: Mapping[str, Any], student: Decoder, teacher: De
                 continue
             host = {name: np.asarray(getattr(state, name)) for name in (
                 "out_tokens", "out_src", "out_len", "explore_len", "num_steps", "step_start", "step_value", "step_eps",
-                "breach_step", "root_step", "safe_len", "interventions", "finish", "drafted", "accepted_drafts",
-                "teacher_forwards")}
+                "step_h", "breach_step", "root_step", "safe_len", "interventions", "finish", "drafted",
+                "accepted_drafts", "teacher_forwards")}
             for slot in np.flatnonzero(finished):
                 qi, r = slot_job[slot]
                 row = {name: values[slot] for name, values in host.items()}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +20,12 @@ from jax.sharding import Mesh
 
 from motab_jax.data import BatchIterator, Example, SFTDataset, build_sft_rows, read_examples
 from motab_jax.eval import EvalConfig, evaluate
+from motab_jax.eval.grading import GradingPool
 from motab_jax.models.factory import build_model
 from motab_jax.motab import synthesize
 from motab_jax.motab.synthesize import parse_questions
 from motab_jax.pipeline.demo_data import write_demo_data
+from motab_jax.pipeline.policy_runs import find_run, policy_runs
 from motab_jax.sampling.generate import default_stop_tokens
 from motab_jax.text.prompts import question_content, question_prompt
 from motab_jax.train import OptimizerConfig, RolloutConfig, RolloutSource, StepConfig, TrainConfig, fit
@@ -104,38 +107,37 @@ def run_pretrain_stage(config: Any, run_dir: Path, mesh: Mesh) -> dict[str, Any]
     return summary
 
 
-def _policies(config: Any) -> list[str]:
-    return [p.strip() for p in str(config.policies).split(",") if p.strip()]
-
-
 def run_synthesize_stage(config: Any, run_dir: Path, mesh: Mesh) -> dict[str, Any]:
     teacher, tokenizer = build_model(_spec(config, run_dir, "teacher"), mesh)
     student, _ = build_model(_spec(config, run_dir, "student"), mesh)
     questions = _read_questions(_questions_file(config, run_dir), config.data.limit, config.data.question_fields)
     summary = {}
-    for policy in _policies(config):
-        section = dict(config.synthesis.to_dict(), policy=policy,
-                       output_path=str(run_dir / f"synthesis_{policy}.jsonl"))
+    for run in policy_runs(config):
+        section = dict(run.synthesis_section(config.synthesis.to_dict()),
+                       output_path=str(run_dir / f"synthesis_{run.stem}.jsonl"))
         section["extra_stop_tokens"] = tuple(section["extra_stop_tokens"])
         records = list(synthesize(student, teacher, tokenizer, questions, section))
         done = [json.loads(line) for line in Path(section["output_path"]).read_text().splitlines()]
         breached = [r for r in done if r["breach_step"]]
-        summary[policy] = {
+        summary[run.label] = {
             "records": len(done), "new_records": len(records),
             "breach_rate": len(breached) / max(len(done), 1),
             "mean_root_cause_depth": float(np.mean([r["breach_step"] - r["root_step"] for r in breached]))
             if breached else None,
             "tokens": {k: int(sum(r["tokens"][k] for r in done)) for k in ("student", "revise", "teacher")}}
-        log.info("synthesis %s: %s", policy, summary[policy])
+        log.info("synthesis %s: %s", run.label, summary[run.label])
     return summary
 
 
 def run_sft_stage(config: Any, run_dir: Path, mesh: Mesh) -> dict[str, Any]:
     summary = {}
-    for policy in _policies(config):
+    for run in policy_runs(config):
         model, tokenizer = build_model(_spec(config, run_dir, "student"), mesh)
-        examples, _ = read_examples(run_dir / f"synthesis_{policy}.jsonl")
-        summary[policy] = _fit_sft(model, tokenizer, examples, config.sft, run_dir / f"sft_{policy}", mesh,
+        examples, _ = read_examples(run_dir / f"synthesis_{run.stem}.jsonl")
+        # Records are appended as slots finish, an order that depends on scheduling and on where a killed run
+        # resumed; training on a canonical order makes the fine-tuned student depend only on the records.
+        examples.sort(key=lambda e: e.id)
+        summary[run.label] = _fit_sft(model, tokenizer, examples, config.sft, run_dir / f"sft_{run.stem}", mesh,
                                    mask_flawed=config.data.mask_flawed_student_segment)
     return summary
 
@@ -145,7 +147,7 @@ def run_kd_stage(config: Any, run_dir: Path, mesh: Mesh) -> dict[str, Any]:
     k = config.kd
     teacher, tokenizer = build_model(_spec(config, run_dir, "teacher"), mesh)
     spec = _spec(config, run_dir, "student")
-    sft_model = run_dir / f"sft_{k.from_policy}" / "hf"
+    sft_model = run_dir / f"sft_{find_run(config, k.from_policy).stem if k.from_policy else ''}" / "hf"
     if k.from_policy:
         if not (sft_model / "config.json").exists():
             raise FileNotFoundError(f"kd.from_policy={k.from_policy!r} but {sft_model} does not exist: run the "
@@ -182,26 +184,20 @@ def run_eval_stage(config: Any, run_dir: Path, mesh: Mesh) -> dict[str, Any]:
                                    config.seed)["held_out"]
         benchmarks = tuple(str(held_out) if b == "demo" else b for b in benchmarks)
     eval_config = EvalConfig(benchmarks=benchmarks, samples=e.samples, temperature=e.temperature, top_p=e.top_p,
-                             max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, limit=e.limit)
+                             top_k=e.top_k, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, limit=e.limit)
     candidates = {"student (before)": _spec(config, run_dir, "student"), "teacher": _spec(config, run_dir, "teacher")}
-    for policy in _policies(config):
-        spec = _spec(config, run_dir, "student")
-        spec.path = str(run_dir / f"sft_{policy}" / "hf")
-        candidates[f"student after {policy} SFT"] = spec
-    if (run_dir / "kd" / "hf" / "config.json").exists():
-        spec = _spec(config, run_dir, "student")
-        spec.path = str(run_dir / "kd" / "hf")
-        candidates["student after on-policy KD"] = spec
+    trained = {f"student after {run.label} SFT": run_dir / f"sft_{run.stem}" / "hf" for run in policy_runs(config)}
+    trained["student after on-policy KD"] = run_dir / "kd" / "hf"
+    for name, folder in trained.items():
+        if (folder / "config.json").exists():
+            candidates[name] = _spec(config, run_dir, "student")
+            candidates[name].path = str(folder)
+        elif "KD" not in name:
+            log.info("eval: %s skipped: %s does not exist (run the sft stage first)", name, folder)
     results = {}
-    for name, spec in candidates.items():
-        model, tokenizer = build_model(spec, mesh)
-        folder = run_dir / "eval" / name.replace(" ", "_").replace("(", "").replace(")", "")
-        results[name] = evaluate(model, tokenizer, folder, dataclasses.replace(eval_config), progress=True)
-    lines = ["| model | " + " | ".join(f"{Path(b).stem} avg@k" for b in benchmarks) + " |",
-             "| --- |" + " ---: |" * len(benchmarks)]
-    for name, per_benchmark in results.items():
-        lines.append(f"| {name} | " + " | ".join(f"{100 * s['avg@k']:.1f}" for s in per_benchmark.values()) + " |")
-    table = "\n".join(lines)
-    (run_dir / "results.md").write_text(table + "\n")
-    print("\n" + table)
+    with GradingPool(num_workers=eval_config.grading_workers, item_timeout=eval_config.item_timeout) as pool:
+        for name, spec in candidates.items():
+            model, tokenizer = build_model(spec, mesh)
+            folder = run_dir / "eval" / re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_")
+            results[name] = evaluate(model, tokenizer, folder, eval_config, progress=True, pool=pool)
     return {name: {b: s["avg@k"] for b, s in r.items()} for name, r in results.items()}

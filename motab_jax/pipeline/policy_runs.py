@@ -1,0 +1,78 @@
+"""The `policies` field: which synthesis runs a job makes, each with its own output files.
+
+An entry is a policy name, optionally with synthesis fields overridden for that run only, so one job can
+sweep a baseline's parameter: "motab,skd_step@gamma=0.6,skd_step@gamma=0.8,motab@eps0=0.3&theta=2".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Mapping
+
+from motab_jax.motab.synthesize import DEFAULTS as SYNTHESIS_DEFAULTS
+
+POLICY_NAMES = ("motab", "motab_no_adaptive", "motab_no_backtrack", "motab_no_stitch", "skd_step", "skd_token",
+                "student_only", "teacher_only")
+# Fields an entry may override: the ones that change what a policy does, not the engine's shapes.
+OVERRIDABLE = ("eps0", "theta", "gamma", "token_top_k", "entropy_top_k", "temperature", "teacher_temperature",
+               "draft_temperature", "top_p", "revise", "seed")
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicyRun:
+    label: str  # the entry as written: results tables and summaries are keyed by it
+    policy: str
+    overrides: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def stem(self) -> str:
+        """File-name form of the label: synthesis_<stem>.jsonl, sft_<stem>/."""
+        return re.sub(r"[^A-Za-z0-9_.-]", "", self.label.replace("@", "_").replace("&", "_").replace("=", ""))
+
+    def synthesis_section(self, section: Mapping[str, Any]) -> dict[str, Any]:
+        return dict(section, policy=self.policy, **dict(self.overrides))
+
+
+def _convert(field: str, text: str) -> Any:
+    default = SYNTHESIS_DEFAULTS[field]
+    if isinstance(default, bool):
+        if text.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(f"{field}={text!r} is not a boolean")
+        return text.lower() in ("true", "1")
+    return type(default)(text)
+
+
+def parse_policy_entry(entry: str) -> PolicyRun:
+    """`name[@field=value[&field=value...]]` -> PolicyRun; raises ValueError naming what is wrong."""
+    name, _, rest = entry.strip().partition("@")
+    if name not in POLICY_NAMES:
+        raise ValueError(f"policies: unknown policy {name!r} in {entry!r}; accepted: {', '.join(POLICY_NAMES)}")
+    overrides = []
+    for item in filter(None, rest.split("&")):
+        field, eq, value = item.partition("=")
+        if not eq or field not in OVERRIDABLE:
+            raise ValueError(f"policies: {item!r} in {entry!r} is not field=value with a field of "
+                             f"{', '.join(OVERRIDABLE)}")
+        try:
+            overrides.append((field, _convert(field, value)))
+        except ValueError as e:
+            raise ValueError(f"policies: {entry!r}: {e}") from None
+    return PolicyRun(entry.strip(), name, tuple(overrides))
+
+
+def policy_runs(config: Any) -> list[PolicyRun]:
+    """The runs named by `config.policies` (comma-separated entries), in order, labels unique."""
+    runs = [parse_policy_entry(e) for e in str(config.policies).split(",") if e.strip()]
+    stems = [r.stem for r in runs]
+    if len(set(stems)) != len(stems):
+        raise ValueError(f"policies: entries {[r.label for r in runs]} repeat a run; give each once")
+    return runs
+
+
+def find_run(config: Any, label: str) -> PolicyRun:
+    """The run `label` (as written in `policies`, or its file stem) names."""
+    for run in policy_runs(config):
+        if label in (run.label, run.stem):
+            return run
+    return parse_policy_entry(label)

@@ -1,0 +1,297 @@
+"""Checking a job's configuration before any heavy work.
+
+`validate_config` checks every field on its own (types, ranges, names, paths) without touching a model.
+`preflight` then reads only the two models' config.json and tokenizers (local folders, the hub cache, or the
+hub when it is reachable) and checks what needs both: a shared vocabulary, top-k values within it, and a
+memory estimate of the largest stage against the devices' memory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from motab_jax.eval.benchmarks import BENCHMARKS
+from motab_jax.models.config import ModelConfig, config_from_hf
+from motab_jax.models.factory import make_tokenizer, validate_model_spec
+from motab_jax.models.sharding import MeshConfig
+from motab_jax.motab.synthesize import cache_length, synthesis_problems
+from motab_jax.pipeline.policy_runs import policy_runs
+from motab_jax.train.losses import LOSSES
+
+log = logging.getLogger("motab_jax")
+
+STAGE_NAMES = ("models", "pretrain", "synthesize", "sft", "kd", "eval")
+_TRAIN_SECTIONS = ("sft", "kd")
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message lists every problem found."""
+
+
+def stages_of(config: Any) -> list[str]:
+    return [s.strip() for s in str(config.stages).split(",") if s.strip()]
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _training_problems(section: Any, name: str) -> list[str]:
+    problems = []
+
+    def need(ok: bool, field: str, rule: str) -> None:
+        if field in section and not ok:
+            problems.append(f"{name}.{field}={section[field]!r}: must be {rule}")
+
+    def num(field: str) -> float:
+        value = section.get(field, 0)
+        return value if _is_number(value) else float("nan")
+
+    need(num("learning_rate") > 0, "learning_rate", "> 0")
+    need(0 <= num("min_learning_rate") <= num("learning_rate"), "min_learning_rate", "in [0, learning_rate]")
+    need(0 <= num("warmup_ratio") < 1, "warmup_ratio", "in [0, 1)")
+    need(num("weight_decay") >= 0, "weight_decay", ">= 0")
+    for field in ("beta1", "beta2"):
+        need(0 <= num(field) < 1, field, "in [0, 1)")
+    need(num("eps") > 0, "eps", "> 0")
+    need(num("clip_norm") >= 0, "clip_norm", ">= 0 (0 = no clipping)")
+    for field in ("epochs", "micro_batches", "seq_len", "save_every", "keep_last", "chunk_size",
+                  "global_batch_size", "prompts_per_step", "samples_per_prompt", "max_new_tokens"):
+        need(isinstance(section.get(field), int) and num(field) >= 1, field, "an integer >= 1")
+    if "global_batch_size" in section and _is_number(section.get("micro_batches")) and section.micro_batches >= 1 \
+            and section.global_batch_size % section.micro_batches:
+        problems.append(f"{name}.micro_batches={section.micro_batches} must divide {name}.global_batch_size="
+                        f"{section.global_batch_size}")
+    if "cutoff_len" in section:
+        need(isinstance(section.cutoff_len, int) and section.cutoff_len >= 0, "cutoff_len", ">= 0 (0 = seq_len)")
+    return problems
+
+
+def _kd_problems(kd: Any, runs: list[str], stages: list[str]) -> list[str]:
+    problems = []
+    if kd.loss not in LOSSES:
+        problems.append(f"kd.loss={kd.loss!r}: accepted {sorted(LOSSES)}")
+    if kd.loss == "jsd" and not 0 <= kd.beta <= 1:
+        problems.append(f"kd.beta={kd.beta!r}: must be in [0, 1] for jsd")
+    if kd.loss in ("akl", "skew_kl", "skew_reverse_kl") and not 0 <= kd.alpha <= 1:
+        problems.append(f"kd.alpha={kd.alpha!r}: must be in [0, 1] for {kd.loss}")
+    if not 0 <= kd.temperature:
+        problems.append(f"kd.temperature={kd.temperature!r}: must be >= 0")
+    if not 0 < kd.top_p <= 1:
+        problems.append(f"kd.top_p={kd.top_p!r}: must be in (0, 1]")
+    if _is_number(kd.seq_len) and _is_number(kd.max_new_tokens) and kd.seq_len <= kd.max_new_tokens:
+        problems.append(f"kd.seq_len={kd.seq_len} must exceed kd.max_new_tokens={kd.max_new_tokens} (it holds the "
+                        "prompt and the rollout)")
+    if kd.from_policy and "sft" in stages and kd.from_policy not in runs:
+        problems.append(f"kd.from_policy={kd.from_policy!r}: not among policies {runs} (or '' for the initial "
+                        "student)")
+    return problems
+
+
+def _eval_problems(e: Any, demo: bool) -> list[str]:
+    problems = []
+    for name in (b.strip() for b in str(e.benchmarks).split(",") if b.strip()):
+        if name in BENCHMARKS or name.startswith("hub:") or (name == "demo" and demo):
+            continue
+        if name == "demo":
+            problems.append("eval.benchmarks: 'demo' needs data.questions='demo'")
+        elif not Path(name).expanduser().is_file():
+            problems.append(f"eval.benchmarks: {name!r} is not a known benchmark ({', '.join(BENCHMARKS)}), "
+                            "'hub:<owner>/<dataset>' or an existing JSONL file")
+    if not str(e.benchmarks).strip():
+        problems.append("eval.benchmarks is empty: give e.g. 'math500,aime24'")
+    checks = [("samples", e.samples >= 0, ">= 0 (0 = each benchmark's default)"),
+              ("temperature", e.temperature >= 0, ">= 0 (0 = greedy)"), ("top_p", 0 < e.top_p <= 1, "in (0, 1]"),
+              ("top_k", e.get("top_k", 0) >= 0, ">= 0 (0 = off)"), ("max_new_tokens", e.max_new_tokens >= 1, ">= 1"),
+              ("batch_size", e.batch_size >= 1, ">= 1"), ("limit", e.limit >= 0, ">= 0 (0 = all problems)")]
+    problems += [f"eval.{f}={e.get(f)!r}: must be {rule}" for f, ok, rule in checks if not ok]
+    return problems
+
+
+def _data_problems(d: Any, stages: list[str]) -> list[str]:
+    problems = []
+    questions = str(d.questions)
+    needs_questions = bool({"pretrain", "synthesize", "kd"} & set(stages))
+    if not questions:
+        if needs_questions:
+            problems.append("data.questions is empty: give a JSONL file with id and problem, 'hf:<id>[@split]', "
+                            "'tfds:<name>' or 'demo'")
+    elif questions == "demo":
+        if d.demo_train < 1 or d.demo_held_out < 1:
+            problems.append(f"data.demo_train={d.demo_train}, data.demo_held_out={d.demo_held_out}: both must be >= 1")
+    elif not questions.startswith(("hf:", "tfds:")) and not Path(questions).expanduser().exists():
+        problems.append(f"data.questions={questions!r}: no such file (or use 'hf:<id>', 'tfds:<name>', 'demo')")
+    if d.question_fields and len(str(d.question_fields).split(",")) != 2:
+        problems.append(f"data.question_fields={d.question_fields!r}: give 'question_column,solution_column'")
+    if d.limit < 0:
+        problems.append(f"data.limit={d.limit}: must be >= 0 (0 = all questions)")
+    if "pretrain" in stages and questions != "demo":
+        problems.append("stages: 'pretrain' trains the demo's models and needs data.questions='demo'")
+    return problems
+
+
+def validate_config(config: Any) -> list[str]:
+    """All problems in `config` (empty when valid), each naming the field and the accepted values."""
+    problems: list[str] = []
+    stages = stages_of(config)
+    if not stages:
+        problems.append("stages is empty: give a comma-separated list, e.g. 'synthesize,sft,eval'")
+    problems += [f"stages: unknown stage {s!r}; accepted: {', '.join(STAGE_NAMES)}" for s in stages
+                 if s not in STAGE_NAMES]
+    for name in ("teacher", "student"):
+        problems += validate_model_spec(config[name], name)
+    try:
+        MeshConfig(**config.mesh).shape(jax.device_count())
+    except (ValueError, TypeError) as e:
+        problems.append(f"mesh: {e}")
+    if not str(config.run_dir):
+        problems.append("run_dir is empty: give a folder for the job's outputs")
+    runs: list[str] = []
+    try:
+        runs = [r.label for r in policy_runs(config)]
+        if not runs and {"synthesize", "sft"} & set(stages):
+            problems.append("policies is empty: give e.g. 'motab' or 'motab,teacher_only'")
+    except ValueError as e:
+        problems.append(str(e))
+    problems += [f"synthesis.{p}" for p in synthesis_problems(config.synthesis.to_dict())]
+    problems += _data_problems(config.data, stages)
+    for name in _TRAIN_SECTIONS:
+        problems += _training_problems(config[name], name)
+    if "pretrain" in stages:
+        for role in ("teacher", "student"):
+            merged = type(config.sft)(config.sft.to_dict() | config.pretrain[role].to_dict())
+            problems += _training_problems(merged, f"pretrain.{role}")
+    problems += _kd_problems(config.kd, runs, stages)
+    problems += _eval_problems(config.eval, str(config.data.questions) == "demo")
+    return problems
+
+
+# --------------------------------------------------------------------------- preflight: both models
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    role: str
+    config: ModelConfig | None  # None: not readable without loading (an unreachable hub id, a .gguf file)
+    tokenizer: Any
+
+
+def _metadata_folder(path: str) -> Path | None:
+    """A folder with config.json and the tokenizer files of `path`, without the weights; None if unreachable."""
+    local = Path(path).expanduser()
+    if local.is_dir():
+        return local
+    if local.exists():  # a .gguf file: its metadata comes with the weights
+        return None
+    from huggingface_hub import snapshot_download
+
+    patterns = ["config.json", "tokenizer*", "*.jinja", "special_tokens_map.json", "generation_config.json",
+                "vocab.json", "merges.txt"]
+    for local_only in (True, False):
+        if not local_only and os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+            return None
+        try:
+            return Path(snapshot_download(path, allow_patterns=patterns, local_files_only=local_only))
+        except Exception:  # noqa: BLE001 - unreachable or not cached: the models stage reports it when loading
+            continue
+    return None
+
+
+def model_facts(spec: Any, role: str) -> ModelFacts:
+    if not spec.path:
+        fields = dict(spec.init)
+        if "eos_token_ids" in fields:
+            fields["eos_token_ids"] = tuple(fields["eos_token_ids"])
+        return ModelFacts(role, ModelConfig(**fields), make_tokenizer(spec.tokenizer))
+    folder = _metadata_folder(str(spec.path))
+    if folder is None or not (folder / "config.json").exists():
+        return ModelFacts(role, None, None)
+    from motab_jax.text import load_tokenizer
+
+    cfg = config_from_hf(json.loads((folder / "config.json").read_text()), source=str(folder / "config.json"))
+    try:
+        tokenizer = load_tokenizer(folder)
+    except (FileNotFoundError, OSError):
+        tokenizer = make_tokenizer(spec.tokenizer) if spec.tokenizer else None
+    return ModelFacts(role, cfg, tokenizer)
+
+
+def memory_estimate(config: Any, teacher: ModelConfig, student: ModelConfig) -> dict[str, float]:
+    """Bytes each stage needs at its peak, summed over devices: parameters in their dtypes, KV caches for
+    synthesis, float32 master weights + AdamW moments + gradients (16 B per parameter) for training.
+    Activations are left out (they depend on remat and micro-batching); treat the figures as lower bounds."""
+    def param_bytes(cfg: ModelConfig, spec: Any) -> float:
+        return cfg.num_params * jax.numpy.dtype(spec.dtype).itemsize
+
+    def cache_bytes(cfg: ModelConfig, spec: Any, slots: int, length: int) -> float:
+        itemsize = jax.numpy.dtype(spec.compute_dtype or spec.dtype).itemsize
+        return 2 * cfg.num_layers * length * cfg.num_kv_heads * cfg.head_dim * itemsize * slots
+
+    s = dict(config.synthesis)
+    synth = (param_bytes(teacher, config.teacher) + param_bytes(student, config.student)
+             + cache_bytes(teacher, config.teacher, s["num_slots"], cache_length(s))
+             + cache_bytes(student, config.student, s["num_slots"], cache_length(s)))
+    sft = 16 * student.num_params
+    kd = sft + param_bytes(teacher, config.teacher)
+    return {"synthesize": synth, "sft": sft, "kd": kd}
+
+
+def _size(num_bytes: float) -> str:
+    return f"{num_bytes / 2**30:.2f} GiB" if num_bytes >= 2**30 else f"{num_bytes / 2**20:.1f} MiB"
+
+
+def available_memory() -> float:
+    """Bytes of accelerator memory over all devices; on CPU the host's RAM; 0 when unknown."""
+    stats = jax.devices()[0].memory_stats() or {}
+    if stats.get("bytes_limit"):
+        return float(stats["bytes_limit"]) * jax.device_count()
+    try:
+        return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return 0.0
+
+
+def preflight(config: Any) -> list[str]:
+    """Problems that need both models' metadata (no weights are read)."""
+    from motab_jax.text import check_shared_vocabulary
+
+    stages = stages_of(config)
+    facts = {role: model_facts(config[role], role) for role in ("teacher", "student")}
+    problems: list[str] = []
+    unknown = [role for role, f in facts.items() if f.config is None]
+    if unknown:
+        log.info("preflight: %s not readable before loading (hub unreachable or a .gguf file); the vocabulary "
+                 "and memory checks run when the models stage loads them", " and ".join(unknown))
+    teacher, student = facts["teacher"], facts["student"]
+    if teacher.tokenizer is not None and student.tokenizer is not None and {"synthesize", "kd"} & set(stages):
+        try:
+            check_shared_vocabulary(teacher.tokenizer, student.tokenizer)
+        except ValueError as e:
+            problems.append(f"teacher.path / student.path: {e}")
+    vocab = len(student.tokenizer) if student.tokenizer is not None else 0
+    for field in ("token_top_k", "entropy_top_k"):
+        if vocab and config.synthesis[field] > vocab:
+            problems.append(f"synthesis.{field}={config.synthesis[field]}: must be <= the vocabulary ({vocab} ids)")
+    if vocab and config.eval.get("top_k", 0) > vocab:
+        problems.append(f"eval.top_k={config.eval.top_k}: must be <= the vocabulary ({vocab} ids)")
+    if teacher.config is not None and student.config is not None:
+        need = memory_estimate(config, teacher.config, student.config)
+        have = float(config.synthesis.memory_budget_gb) * 2**30 or available_memory()
+        summary = ", ".join(f"{k} {_size(v)}" for k, v in need.items())
+        log.info("preflight: memory needed at least (parameters, caches, optimizer state): %s; available %s "
+                 "over %d device(s)", summary, _size(have), jax.device_count())
+        for stage, bytes_needed in need.items():
+            if stage in stages and have and bytes_needed > have:
+                problems.append(
+                    f"memory: stage {stage} needs at least {_size(bytes_needed)} (parameters"
+                    f"{', KV caches' if stage == 'synthesize' else ', float32 master weights and AdamW state'}) but "
+                    f"{_size(have)} are available over {jax.device_count()} device(s); use more devices, a "
+                    "smaller synthesis.num_slots / traj_cap, or bfloat16")
+    return problems
