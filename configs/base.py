@@ -65,8 +65,10 @@ def get_config() -> ml_collections.ConfigDict:
     # `datasets` package and the hub) with `question_fields` = "<question column>,<solution column>", or
     # "demo" (generated arithmetic problems).
     config.data = ml_collections.ConfigDict(dict(
-        questions="", question_fields="", limit=0, demo_train=256, demo_held_out=40,
-        mask_flawed_student_segment=False))  # SFT: also mask the flawed student steps before REVISE
+        questions="", question_fields="", limit=0, mask_flawed_student_segment=False,
+        # "demo" only: generated problems for synthesis (train), evaluation (held out) and the pretrain stage
+        # (0: the models are pretrained on the train split); the three are disjoint.
+        demo_train=256, demo_held_out=40, demo_pretrain=0))  # SFT: also mask the flawed student steps before REVISE
 
     # Synthesis (spec section 3); every field of motab_jax.motab.synthesize.DEFAULTS.
     config.synthesis = ml_collections.ConfigDict(dict(SYNTHESIS_DEFAULTS))

@@ -3,7 +3,7 @@ for each policy, and one comparison table.
 
     python experiments/compare_policies.py                                   # the CPU demo pair
     python experiments/compare_policies.py --config=configs/limo.py          # a real pair on accelerators
-    python experiments/compare_policies.py --config.policies=motab,skd_step --config.synthesis.gamma=0.8
+    python experiments/compare_policies.py --config.policies=motab,skd_step@gamma=0.8
 
 It is `run.py` with every policy enabled (MOTAB, teacher-only, student-only, SKD step-level with gamma swept
 over 0.6-1.0, SKD token-level, and the three MOTAB ablations) plus a table that puts each policy's synthesis statistics beside the accuracy of
@@ -34,21 +34,21 @@ _CONFIG = config_flags.DEFINE_config_file("config", default=DEMO, lock_config=Fa
 
 
 def comparison_table(summaries: dict) -> str:
-    synthesis, evaluation = summaries["synthesize"], summaries["eval"]
-    benchmarks = sorted({b for scores in evaluation.values() if isinstance(scores, dict) for b in scores})
-    lines = ["| policy | breach rate | root depth | student / revise / teacher tokens | "
-             + " | ".join(f"{os.path.basename(b)} avg@k" for b in benchmarks) + " |",
+    """One row per model: the untrained student, the teacher, then each policy's synthesis statistics beside the
+    accuracy of the student fine-tuned on that policy's data."""
+    synthesis = {k: v for k, v in summaries.get("synthesize", {}).items() if isinstance(v, dict)}
+    evaluation = {k: v for k, v in summaries["eval"].items() if isinstance(v, dict)}
+    benchmarks = list(dict.fromkeys(b for scores in evaluation.values() for b in scores))
+    lines = ["| model | breach rate | root depth | student / revise / teacher tokens | "
+             + " | ".join(f"{os.path.splitext(os.path.basename(b))[0]} avg@k (%)" for b in benchmarks) + " |",
              "| --- | ---: | ---: | ---: |" + " ---: |" * len(benchmarks)]
     for model, scores in evaluation.items():
-        if not isinstance(scores, dict):
-            continue
         policy = model.removeprefix("student after ").removesuffix(" SFT")
         stats = synthesis.get(policy, {})
-        depth = stats.get("mean_root_cause_depth")
-        tokens = stats.get("tokens")
-        lines.append(f"| {model} | {stats.get('breach_rate', float('nan')):.2f} | "
+        depth, rate, tokens = stats.get("mean_root_cause_depth"), stats.get("breach_rate"), stats.get("tokens")
+        lines.append(f"| {model} | {'-' if rate is None else f'{rate:.2f}'} | "
                      f"{'-' if depth is None else f'{depth:.2f}'} | "
-                     f"{'-' if not tokens else '{student} / {revise} / {teacher}'.format(**tokens)} | "
+                     f"{'-' if not tokens else '{student:,} / {revise:,} / {teacher:,}'.format(**tokens)} | "
                      + " | ".join(f"{100 * scores[b]:.1f}" for b in benchmarks) + " |")
     return "\n".join(lines)
 

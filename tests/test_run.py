@@ -217,3 +217,43 @@ def test_preflight_checks_the_pair_before_loading_weights(tmp_path):
     with pytest.raises(ConfigError, match="tokenizers differ"):
         run_pipeline(config)
     assert not (tmp_path / "never").exists()  # nothing written before the configuration is known to be valid
+
+
+def test_single_host_stages_are_refused_across_processes():
+    from motab_jax.pipeline.validation import multihost_problems
+
+    assert multihost_problems(["synthesize", "sft", "kd", "eval"], 1) == []
+    problems = multihost_problems(["synthesize", "sft", "kd", "eval"], 4)
+    assert [p.split("'")[1] for p in problems] == ["synthesize", "eval"]
+    assert "runs on one host only for now (4 processes started)" in problems[0]
+
+
+def test_compare_policies_table_lines_up_policies_and_accuracy(tiny_run):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("compare_policies", ROOT / "experiments" / "compare_policies.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    summaries, _ = tiny_run
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in module.comparison_table(summaries).splitlines()}
+    motab = summaries["synthesize"]["motab"]
+    assert rows["student after motab SFT"].startswith(f"| student after motab SFT | {motab['breach_rate']:.2f} |")
+    assert f"{motab['tokens']['student']:,} / " in rows["student after motab SFT"]
+    assert rows["teacher"].startswith("| teacher | - | - | - |")
+    accuracy = 100 * summaries["eval"]["student after teacher_only SFT"]["held_out"]
+    assert rows["student after teacher_only SFT"].endswith(f" | {accuracy:.1f} |")
+    assert module.ALL_POLICIES.count("skd_step@gamma=") == 5
+
+
+def test_demo_data_splits_are_disjoint_and_stable(tmp_path):
+    from motab_jax.pipeline.demo_data import write_demo_data
+
+    without = write_demo_data(tmp_path / "a", train=30, held_out=10, seed=3)
+    with_pretrain = write_demo_data(tmp_path / "b", train=30, held_out=10, seed=3, pretrain=50)
+    problems = {name: [json.loads(line)["problem"] for line in path.read_text().splitlines()]
+                for name, path in with_pretrain.items()}
+    assert [len(problems[n]) for n in ("train", "held_out", "pretrain")] == [30, 10, 50]
+    assert len(set().union(*map(set, problems.values()))) == 90  # disjoint
+    for name in ("train", "held_out"):  # adding a pretrain split leaves the other two unchanged
+        assert without[name].read_text() == with_pretrain[name].read_text()
+    assert without["pretrain"].read_text() == without["train"].read_text()

@@ -35,19 +35,24 @@ def make_problem(rng: random.Random, index: int) -> dict[str, str]:
     return {"id": f"demo-{index}", "problem": problem, "solution": solution, "answer": str(total)}
 
 
-def write_demo_data(folder: str | Path, train: int = 256, held_out: int = 40, seed: int = 0) -> dict[str, Path]:
-    """train.jsonl (problem, solution, answer) and held_out.jsonl, disjoint by problem text."""
+def write_demo_data(folder: str | Path, train: int = 256, held_out: int = 40, seed: int = 0,
+                    pretrain: int = 0) -> dict[str, Path]:
+    """train.jsonl (problem, solution, answer: the synthesis questions), held_out.jsonl (evaluation) and
+    pretrain.jsonl (the models' own training set; with `pretrain` = 0 it is the train split), disjoint by
+    problem text."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     seen: set[str] = set()
     rows = []
-    while len(rows) < train + held_out:
+    while len(rows) < train + held_out + pretrain:
         row = make_problem(rng, len(rows))
         if row["problem"] not in seen:
             seen.add(row["problem"])
             rows.append(row)
-    paths = {"train": folder / "train.jsonl", "held_out": folder / "held_out.jsonl"}
-    for name, part in (("train", rows[:train]), ("held_out", rows[train:])):
+    paths = {name: folder / f"{name}.jsonl" for name in ("train", "held_out", "pretrain")}
+    splits = {"train": rows[:train], "held_out": rows[train:train + held_out],
+              "pretrain": rows[train + held_out:] if pretrain else rows[:train]}
+    for name, part in splits.items():
         paths[name].write_text("".join(json.dumps(r) + "\n" for r in part))
     return paths

@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import jax
 import ml_collections
 import numpy as np
 from jax.sharding import Mesh
@@ -41,10 +42,14 @@ def _spec(config: Any, run_dir: Path, role: str) -> ml_collections.ConfigDict:
     return spec
 
 
+def _demo_files(config: Any, run_dir: Path) -> dict[str, Path]:
+    d = config.data
+    return write_demo_data(run_dir / "data", d.demo_train, d.demo_held_out, config.seed, d.demo_pretrain)
+
+
 def _questions_file(config: Any, run_dir: Path) -> Path | str:
     if config.data.questions == "demo":
-        return write_demo_data(run_dir / "data", config.data.demo_train, config.data.demo_held_out,
-                               config.seed)["train"]
+        return _demo_files(config, run_dir)["train"]
     return config.data.questions if str(config.data.questions).startswith(("hf:", "tfds:")) \
         else Path(config.data.questions)
 
@@ -84,7 +89,8 @@ def _fit_sft(model, tokenizer, examples: list[Example], section: Any, out: Path,
     rows, stats = build_sft_rows(examples, tokenizer, section.seq_len, mask_flawed_student_segment=mask_flawed,
                                  cutoff_len=section.cutoff_len or None)
     batches = BatchIterator(SFTDataset(rows), section.global_batch_size, seed=section.seed,
-                            num_epochs=section.epochs)
+                            num_epochs=section.epochs, process_index=jax.process_index(),
+                            process_count=jax.process_count())
     _, history = fit(model, batches, _train_config(section, max_steps), out, tokenizer=tokenizer, mesh=mesh)
     losses = [h["loss"] for h in history]
     return {"examples": len(examples), "rows": len(rows), "steps": len(history),
@@ -94,7 +100,7 @@ def _fit_sft(model, tokenizer, examples: list[Example], section: Any, out: Path,
 
 def run_pretrain_stage(config: Any, run_dir: Path, mesh: Mesh) -> dict[str, Any]:
     """Demo only: train the randomly initialised teacher and (less) student on the demo's solutions."""
-    path = _questions_file(config, run_dir)
+    path = _demo_files(config, run_dir)["pretrain"]
     examples = [Example(id=r["id"], prompt=[{"role": "user",
                                              "content": question_content(r["problem"], config.synthesis.instruction)}],
                         response=r["solution"]) for r in _read_questions(path, 0)]
@@ -180,8 +186,7 @@ def run_eval_stage(config: Any, run_dir: Path, mesh: Mesh) -> dict[str, Any]:
     e = config.eval
     benchmarks = tuple(b.strip() for b in str(e.benchmarks).split(",") if b.strip())
     if config.data.questions == "demo":
-        held_out = write_demo_data(run_dir / "data", config.data.demo_train, config.data.demo_held_out,
-                                   config.seed)["held_out"]
+        held_out = _demo_files(config, run_dir)["held_out"]
         benchmarks = tuple(str(held_out) if b == "demo" else b for b in benchmarks)
     eval_config = EvalConfig(benchmarks=benchmarks, samples=e.samples, temperature=e.temperature, top_p=e.top_p,
                              top_k=e.top_k, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, limit=e.limit)

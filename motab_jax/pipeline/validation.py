@@ -124,8 +124,9 @@ def _data_problems(d: Any, stages: list[str]) -> list[str]:
             problems.append("data.questions is empty: give a JSONL file with id and problem, 'hf:<id>[@split]', "
                             "'tfds:<name>' or 'demo'")
     elif questions == "demo":
-        if d.demo_train < 1 or d.demo_held_out < 1:
-            problems.append(f"data.demo_train={d.demo_train}, data.demo_held_out={d.demo_held_out}: both must be >= 1")
+        if d.demo_train < 1 or d.demo_held_out < 1 or d.demo_pretrain < 0:
+            problems.append(f"data.demo_train={d.demo_train}, data.demo_held_out={d.demo_held_out}, "
+                            f"data.demo_pretrain={d.demo_pretrain}: must be >= 1, >= 1 and >= 0")
     elif not questions.startswith(("hf:", "tfds:")) and not Path(questions).expanduser().exists():
         problems.append(f"data.questions={questions!r}: no such file (or use 'hf:<id>', 'tfds:<name>', 'demo')")
     if d.question_fields and len(str(d.question_fields).split(",")) != 2:
@@ -135,6 +136,19 @@ def _data_problems(d: Any, stages: list[str]) -> list[str]:
     if "pretrain" in stages and questions != "demo":
         problems.append("stages: 'pretrain' trains the demo's models and needs data.questions='demo'")
     return problems
+
+
+# Stages whose host loop reads device results back (synthesis records, sampled evaluations, probes): they
+# need every array addressable from one process, so they run on one host for now.
+SINGLE_HOST_STAGES = ("models", "pretrain", "synthesize", "eval")
+
+
+def multihost_problems(stages: list[str], process_count: int) -> list[str]:
+    if process_count == 1:
+        return []
+    return [f"stages: {s!r} runs on one host only for now ({process_count} processes started); run it on one "
+            "host (e.g. --config.stages=synthesize with distributed.num_processes=1), then sft / kd across hosts"
+            for s in stages if s in SINGLE_HOST_STAGES]
 
 
 def validate_config(config: Any) -> list[str]:
@@ -170,6 +184,7 @@ def validate_config(config: Any) -> list[str]:
             problems += _training_problems(merged, f"pretrain.{role}")
     problems += _kd_problems(config.kd, runs, stages)
     problems += _eval_problems(config.eval, str(config.data.questions) == "demo")
+    problems += multihost_problems(stages, jax.process_count())
     return problems
 
 
