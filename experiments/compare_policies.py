@@ -6,8 +6,8 @@ for each policy, and one comparison table.
     python experiments/compare_policies.py --config.policies=motab,skd_step@gamma=0.8
 
 It is `run.py` with every policy enabled (MOTAB, teacher-only, student-only, SKD step-level with gamma swept
-over 0.6-1.0, SKD token-level, and the three MOTAB ablations) plus a table that puts each policy's synthesis statistics beside the accuracy of
-the student trained on its data. Reruns resume like `run.py`.
+over 0.6-1.0, SKD token-level, and the three MOTAB ablations) plus a table that puts each policy's synthesis
+statistics beside the accuracy of the student trained on its data. Reruns resume like `run.py`.
 """
 
 from __future__ import annotations

@@ -79,8 +79,9 @@ def test_run_py_command_line_reports_bad_override(tmp_path):
 
 
 # The demo with tiny budgets: every stage runs in well under a minute. Dotted keys, as on run.py's command line.
-TINY = {"data.demo_train": 16, "data.demo_held_out": 4, "pretrain.teacher.epochs": 1, "pretrain.student.epochs": 1,
-        "sft.epochs": 1, "sft.save_every": 2, "synthesis.traj_cap": 24, "synthesis.num_slots": 4,
+TINY = {"data.demo_train": 16, "data.demo_held_out": 4, "data.demo_pretrain": 0, "pretrain.teacher.epochs": 1,
+        "pretrain.student.epochs": 1, "sft.epochs": 1, "sft.save_every": 2, "synthesis.traj_cap": 24,
+        "synthesis.num_slots": 4,
         "synthesis.iterations_per_sync": 4, "eval.max_new_tokens": 16, "stages": "pretrain,synthesize,sft,kd,eval",
         "kd.prompts_per_step": 4, "kd.samples_per_prompt": 2, "kd.max_new_tokens": 8, "kd.seq_len": 160,
         "kd.epochs": 1, "kd.learning_rate": 1e-4}

@@ -18,6 +18,7 @@ import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
+from tqdm.auto import tqdm
 
 from motab_jax.models.config import DTYPES, ModelConfig, config_from_hf
 from motab_jax.models.hf_mapping import hf_keys, layer_shape
@@ -117,7 +118,10 @@ def load_params(cfg: ModelConfig, source: TensorSource, mesh: Mesh | None = None
                        f"{missing[:5]}; is the checkpoint complete and does config.json match it?")
     shardings = param_shardings(cfg, mesh)
     params: dict[str, jax.Array] = {}
-    for key in keys:
+    # A bar per parameter group: a 32B checkpoint takes minutes to read. Hidden for small models.
+    bar = tqdm(keys, desc=f"loading {Path(where).name or where}", unit="tensor",
+               disable=cfg.num_params < 500_000_000 or None, leave=False)
+    for key in bar:
         shape = param_shape(cfg, specs[key.param])
         sharding = shardings[key.param]
 

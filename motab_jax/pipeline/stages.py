@@ -7,7 +7,6 @@ directory; otherwise a random initialisation from the role's `init` fields.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import re
