@@ -30,6 +30,7 @@ def main(argv: list[str]) -> int:
     ours.propagate = False
     config = _CONFIG.value
     from motab_jax.pipeline import ConfigError, run_pipeline
+    from motab_jax.text.tokenizer import VocabularyMismatchError
 
     start = time.monotonic()
     try:
@@ -37,6 +38,11 @@ def main(argv: list[str]) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (FileNotFoundError, ConnectionError, MemoryError, VocabularyMismatchError) as e:
+        # Missing checkpoints or data, an unreachable hub, caches that do not fit: the message says what to do.
+        print(f"error: {e}\n(the traceback is in {os.path.join(config.run_dir, 'run.log')}; rerun the same command "
+              "to continue)", file=sys.stderr)
+        return 1
     results = os.path.join(config.run_dir, "results.md")
     print("\n" + open(results, encoding="utf-8").read())
     print(f"finished stages: {', '.join(summaries)} in {time.monotonic() - start:.0f} s; outputs in {config.run_dir} "

@@ -258,3 +258,15 @@ def test_demo_data_splits_are_disjoint_and_stable(tmp_path):
     for name in ("train", "held_out"):  # adding a pretrain split leaves the other two unchanged
         assert without[name].read_text() == with_pretrain[name].read_text()
     assert without["pretrain"].read_text() == without["train"].read_text()
+
+
+def test_run_py_reports_a_missing_model_in_one_message(tmp_path):
+    run = tmp_path / "run"
+    result = subprocess.run([sys.executable, "run.py", "--config.stages=models", f"--config.run_dir={run}",
+                             "--config.teacher.path=Qwen/Not-A-Cached-Model"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert ("error: Qwen/Not-A-Cached-Model: not a local folder, not in the hub cache, and HF_HUB_OFFLINE=1"
+            in result.stderr)
+    assert "Traceback" not in result.stderr
+    assert "Traceback" in (run / "run.log").read_text()  # kept for debugging

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -76,6 +77,12 @@ def run_pipeline(config: Any) -> dict[str, Any]:
     _enable_compilation_cache(config, run_dir)
     try:
         return _run_stages(config, run_dir)
+    except Exception:
+        # The full traceback goes to run.log only: run.py shows input and environment errors as one message.
+        record = logging.LogRecord(log.name, logging.ERROR, __file__, 0, "the job stopped; rerun the same command "
+                                   "to continue from the last finished work", None, sys.exc_info())
+        handler.handle(record)
+        raise
     finally:
         log.removeHandler(handler)
         handler.close()
