@@ -40,7 +40,11 @@ def _convert(field: str, text: str) -> Any:
         if text.lower() not in ("true", "false", "1", "0"):
             raise ValueError(f"{field}={text!r} is not a boolean")
         return text.lower() in ("true", "1")
-    return type(default)(text)
+    try:
+        return type(default)(text)
+    except ValueError:
+        raise ValueError(f"{field}={text!r} is not {'an integer' if isinstance(default, int) else 'a number'}") \
+            from None
 
 
 def parse_policy_entry(entry: str) -> PolicyRun:

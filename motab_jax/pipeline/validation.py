@@ -74,7 +74,7 @@ def _training_problems(section: Any, name: str) -> list[str]:
     return problems
 
 
-def _kd_problems(kd: Any, runs: list[str], stages: list[str]) -> list[str]:
+def _kd_problems(kd: Any, runs: list[str] | None, stages: list[str]) -> list[str]:
     problems = []
     if kd.loss not in LOSSES:
         problems.append(f"kd.loss={kd.loss!r}: accepted {sorted(LOSSES)}")
@@ -89,7 +89,7 @@ def _kd_problems(kd: Any, runs: list[str], stages: list[str]) -> list[str]:
     if _is_number(kd.seq_len) and _is_number(kd.max_new_tokens) and kd.seq_len <= kd.max_new_tokens:
         problems.append(f"kd.seq_len={kd.seq_len} must exceed kd.max_new_tokens={kd.max_new_tokens} (it holds the "
                         "prompt and the rollout)")
-    if kd.from_policy and "sft" in stages and kd.from_policy not in runs:
+    if kd.from_policy and {"sft", "kd"} <= set(stages) and runs is not None and kd.from_policy not in runs:
         problems.append(f"kd.from_policy={kd.from_policy!r}: not among policies {runs} (or '' for the initial "
                         "student)")
     return problems
@@ -167,7 +167,7 @@ def validate_config(config: Any) -> list[str]:
         problems.append(f"mesh: {e}")
     if not str(config.run_dir):
         problems.append("run_dir is empty: give a folder for the job's outputs")
-    runs: list[str] = []
+    runs: list[str] | None = None
     try:
         runs = [r.label for r in policy_runs(config)]
         if not runs and {"synthesize", "sft"} & set(stages):
