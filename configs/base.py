@@ -46,7 +46,9 @@ def get_config() -> ml_collections.ConfigDict:
     # synthesis fields overridden for that run: "skd_step@gamma=0.6,skd_step@gamma=0.8,motab@eps0=0.3&theta=2"
     # (fields: eps0, theta, gamma, token_top_k, entropy_top_k, temperature, teacher_temperature,
     # draft_temperature, top_p, revise, seed). Files are named by the entry: synthesis_skd_step_gamma0.6.jsonl.
-    config.policies = "motab"
+    # Empty: one run of synthesis.policy, so `--config.synthesis.policy=skd_step --config.synthesis.gamma=0.8`
+    # also selects a baseline.
+    config.policies = ""
 
     config.teacher = model_spec()
     config.student = model_spec()
@@ -70,7 +72,8 @@ def get_config() -> ml_collections.ConfigDict:
         # (0: the models are pretrained on the train split); the three are disjoint.
         demo_train=256, demo_held_out=40, demo_pretrain=0))  # SFT: also mask the flawed student steps before REVISE
 
-    # Synthesis (spec section 3); every field of motab_jax.motab.synthesize.DEFAULTS.
+    # Synthesis (spec section 3); every field of motab_jax.motab.synthesize.DEFAULTS. `policy` is used when
+    # `policies` is empty; run.py sets output_path itself (run_dir/synthesis_<policy>.jsonl).
     config.synthesis = ml_collections.ConfigDict(dict(SYNTHESIS_DEFAULTS))
 
     # SFT (spec section 5, the paper's recipe).

@@ -20,7 +20,7 @@ def get_config():
     config.student.path = "Qwen/Qwen3-4B-Instruct-2507"
     config.data.questions = "hf:GAIR/LIMO-v2@train"
     config.data.question_fields = "question,solution"
-    config.policies = "motab"
+    config.policies = ""  # one run of synthesis.policy (motab); baselines: --config.synthesis.policy=skd_step
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, -1, 1
     config.synthesis.num_slots = 64
     config.sft.micro_batches = 4

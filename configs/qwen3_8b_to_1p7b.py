@@ -12,6 +12,6 @@ def get_config():
     config.teacher.path = "Qwen/Qwen3-8B"
     config.student.path = "Qwen/Qwen3-1.7B"
     config.stages = "synthesize,sft,kd,eval"
-    config.policies = "motab"
+    config.policies = ""  # one run of synthesis.policy (motab); baselines: --config.synthesis.policy=skd_step
     config.kd.from_policy = "motab"
     return config

@@ -58,7 +58,7 @@ def main(argv: list[str]) -> None:
     absl_logging.set_verbosity(absl_logging.WARNING)
     logging.getLogger("motab_jax").setLevel(logging.INFO)
     config = _CONFIG.value
-    if config.policies in ("motab", "motab,teacher_only"):  # not narrowed on the command line
+    if config.policies in ("", "motab,teacher_only"):  # not narrowed on the command line
         config.policies = ALL_POLICIES
     config.run_dir = config.run_dir + "_compare" if not config.run_dir.endswith("_compare") else config.run_dir
     summaries = run_pipeline(config)

@@ -53,6 +53,7 @@ def test_demo_models_stage_and_resume(tmp_path):
     ("policies", "skd_step@gamma=x", r"skd_step@gamma=x"),
     ("policies", "skd_step@gama=0.8", r"'gama=0.8'.*eps0, theta, gamma"),
     ("policies", "motab,motab", r"repeat a run"),
+    ("synthesis.policy", "skd_step", r"synthesis\.policy='skd_step' is ignored because policies='motab,teacher_only'"),
     ("sft.learning_rate", 0.0, r"sft\.learning_rate=0\.0: must be > 0"),
     ("sft.micro_batches", 3, r"sft\.micro_batches=3 must divide sft\.global_batch_size=16"),
     ("kd.loss", "kl", r"kd\.loss='kl': accepted \['akl'"),
@@ -272,3 +273,18 @@ def test_run_py_reports_a_missing_model_in_one_message(tmp_path):
             in result.stderr)
     assert "Traceback" not in result.stderr
     assert "Traceback" in (run / "run.log").read_text()  # kept for debugging
+
+
+def test_a_baseline_is_one_override_away():
+    from configs import limo
+    from motab_jax.pipeline.policy_runs import policy_runs
+
+    config = limo.get_config()
+    assert [r.label for r in policy_runs(config)] == ["motab"]
+    config.synthesis.policy, config.synthesis.gamma = "skd_step", 0.8  # the override form
+    assert validate_config(config) == []
+    (run,) = policy_runs(config)
+    assert (run.policy, run.stem) == ("skd_step", "skd_step")
+    assert run.synthesis_section(config.synthesis.to_dict())["gamma"] == 0.8
+    config.synthesis.policy = "best"
+    assert any("unknown policy 'best'" in p for p in validate_config(config))

@@ -66,8 +66,9 @@ def parse_policy_entry(entry: str) -> PolicyRun:
 
 
 def policy_runs(config: Any) -> list[PolicyRun]:
-    """The runs named by `config.policies` (comma-separated entries), in order, labels unique."""
-    runs = [parse_policy_entry(e) for e in str(config.policies).split(",") if e.strip()]
+    """The runs named by `config.policies` (comma-separated entries; empty: `synthesis.policy`), in order."""
+    entries = str(config.policies).strip() or str(config.synthesis.policy)
+    runs = [parse_policy_entry(e) for e in entries.split(",") if e.strip()]
     stems = [r.stem for r in runs]
     if len(set(stems)) != len(stems):
         raise ValueError(f"policies: entries {[r.label for r in runs]} repeat a run; give each once")

@@ -21,6 +21,7 @@ from motab_jax.eval.benchmarks import BENCHMARKS
 from motab_jax.models.config import ModelConfig, config_from_hf
 from motab_jax.models.factory import make_tokenizer, validate_model_spec
 from motab_jax.models.sharding import MeshConfig
+from motab_jax.motab.synthesize import DEFAULTS as SYNTHESIS_DEFAULTS
 from motab_jax.motab.synthesize import cache_length, synthesis_problems
 from motab_jax.pipeline.policy_runs import policy_runs
 from motab_jax.train.losses import LOSSES
@@ -170,8 +171,9 @@ def validate_config(config: Any) -> list[str]:
     runs: list[str] | None = None
     try:
         runs = [r.label for r in policy_runs(config)]
-        if not runs and {"synthesize", "sft"} & set(stages):
-            problems.append("policies is empty: give e.g. 'motab' or 'motab,teacher_only'")
+        if str(config.policies).strip() and config.synthesis.policy != SYNTHESIS_DEFAULTS["policy"]:
+            problems.append(f"synthesis.policy={config.synthesis.policy!r} is ignored because policies="
+                            f"{config.policies!r} names the runs: put it in policies, or set policies=''")
     except ValueError as e:
         problems.append(str(e))
     problems += [f"synthesis.{p}" for p in synthesis_problems(config.synthesis.to_dict())]
