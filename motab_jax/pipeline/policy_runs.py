@@ -14,6 +14,8 @@ from motab_jax.motab.synthesize import DEFAULTS as SYNTHESIS_DEFAULTS
 
 POLICY_NAMES = ("motab", "motab_no_adaptive", "motab_no_backtrack", "motab_no_stitch", "skd_step", "skd_token",
                 "student_only", "teacher_only")
+# Policies whose teacher judges student steps (so a breach rate means something).
+JUDGING_POLICIES = ("motab", "motab_no_adaptive", "motab_no_backtrack", "motab_no_stitch", "skd_step")
 # Fields an entry may override: the ones that change what a policy does, not the engine's shapes.
 OVERRIDABLE = ("eps0", "theta", "gamma", "token_top_k", "entropy_top_k", "temperature", "teacher_temperature",
                "draft_temperature", "top_p", "revise", "seed")

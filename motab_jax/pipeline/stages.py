@@ -25,7 +25,7 @@ from motab_jax.models.factory import build_model
 from motab_jax.motab import synthesize
 from motab_jax.motab.synthesize import parse_questions
 from motab_jax.pipeline.demo_data import write_demo_data
-from motab_jax.pipeline.policy_runs import find_run, policy_runs
+from motab_jax.pipeline.policy_runs import JUDGING_POLICIES, find_run, policy_runs
 from motab_jax.sampling.generate import default_stop_tokens
 from motab_jax.text.prompts import question_content, question_prompt
 from motab_jax.train import OptimizerConfig, RolloutConfig, RolloutSource, StepConfig, TrainConfig, fit
@@ -126,7 +126,8 @@ def run_synthesize_stage(config: Any, run_dir: Path, mesh: Mesh) -> dict[str, An
         breached = [r for r in done if r["breach_step"]]
         summary[run.label] = {
             "records": len(done), "new_records": len(records),
-            "breach_rate": len(breached) / max(len(done), 1),
+            # None for policies that judge no step (teacher_only, student_only, skd_token).
+            "breach_rate": len(breached) / max(len(done), 1) if run.policy in JUDGING_POLICIES else None,
             "mean_root_cause_depth": float(np.mean([r["breach_step"] - r["root_step"] for r in breached]))
             if breached else None,
             "tokens": {k: int(sum(r["tokens"][k] for r in done)) for k in ("student", "revise", "teacher")}}
