@@ -44,6 +44,14 @@ def validate_model_spec(spec: Mapping[str, Any], field: str) -> list[str]:
     return problems
 
 
+def init_fields(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """The ModelConfig fields of a random-init spec (`spec.init`), with sequences as tuples (hashable)."""
+    fields = dict(spec["init"])
+    if "eos_token_ids" in fields:
+        fields["eos_token_ids"] = tuple(fields["eos_token_ids"])
+    return fields
+
+
 def build_model(spec: Mapping[str, Any], mesh: Mesh | None = None) -> tuple[Decoder, Any]:
     """Load `spec.path`, or randomly initialise `spec.init`; the tokenizer comes from the path or `spec.tokenizer`."""
     runtime = dict(param_dtype=spec["dtype"], compute_dtype=spec.get("compute_dtype") or spec["dtype"],
@@ -54,10 +62,7 @@ def build_model(spec: Mapping[str, Any], mesh: Mesh | None = None) -> tuple[Deco
         if tokenizer is None and spec.get("tokenizer"):
             tokenizer = make_tokenizer(spec["tokenizer"])
         return model, tokenizer
-    fields = dict(spec["init"])
-    if "eos_token_ids" in fields:
-        fields["eos_token_ids"] = tuple(fields["eos_token_ids"])
     tokenizer = make_tokenizer(spec["tokenizer"])
-    cfg = ModelConfig(**fields, **runtime)
+    cfg = ModelConfig(**init_fields(spec), **runtime)
     cfg = cfg.replace(logits_vocab_size=vocab_for_logits(cfg, len(tokenizer), "init"))
     return init_random(cfg, seed=int(spec.get("seed", 0)), mesh=mesh), tokenizer

@@ -41,6 +41,11 @@ class Policy:
         """True where a finished step is accepted."""
         return jnp.ones_like(v_teacher, bool)
 
+    @property
+    def judges_steps(self) -> bool:
+        """Whether finished student steps can be rejected (so a breach rate means something)."""
+        return type(self).judge is not Policy.judge
+
 
 @dataclasses.dataclass(frozen=True)
 class Motab(Policy):
@@ -102,6 +107,10 @@ class TeacherOnly(Policy):
     starts_with_teacher: bool = True
 
 
+POLICY_NAMES = ("motab", "motab_no_adaptive", "motab_no_backtrack", "motab_no_stitch", "skd_step", "skd_token",
+                "student_only", "teacher_only")
+
+
 def make_policy(name: str, **params: float | bool) -> Policy:
     """A policy by config name: motab (eps0, theta, backtrack, stitch), skd_step (gamma), skd_token (top_k),
     student_only, teacher_only, and the ablations motab_no_adaptive / motab_no_backtrack / motab_no_stitch."""
@@ -119,6 +128,5 @@ def make_policy(name: str, **params: float | bool) -> Policy:
         return StudentOnly()
     if name == "teacher_only":
         return TeacherOnly()
-    raise ValueError(f"policy={name!r}; accepted: motab, motab_no_adaptive, motab_no_backtrack, motab_no_stitch, "
-                     "skd_step, skd_token, student_only, teacher_only")
+    raise ValueError(f"policy={name!r}; accepted: {', '.join(POLICY_NAMES)}")
 

@@ -20,6 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from motab_jax.jsonl import append_records
+from motab_jax.models.config import ModelConfig
 from motab_jax.models.kv_cache import CACHE_AXES, KVCache
 from motab_jax.models.sharding import shard_array
 from motab_jax.models.transformer import Decoder
@@ -124,13 +125,18 @@ def cache_length(cfg: Mapping[str, Any]) -> int:
     return (bucket(cfg["max_prompt_len"]) + cfg["traj_cap"] + cfg["teacher_min_budget"] + cfg["draft_len"] + 2)
 
 
+def cache_bytes_per_slot(model: ModelConfig, length: int, dtype: Any) -> int:
+    """Bytes of one slot's KV cache: keys and values of every layer over `length` positions."""
+    return 2 * model.num_layers * length * model.num_kv_heads * model.head_dim * jnp.dtype(dtype).itemsize
+
+
 def check_memory(cfg: Mapping[str, Any], student: Decoder, teacher: Decoder) -> None:
     """Raise before compiling when the caches cannot fit `memory_budget_gb` (0: the first device's memory)."""
     length = cache_length(cfg)
     lines, total = [], 0
     for name, model in (("student", student), ("teacher", teacher)):
         c = model.config
-        per_slot = 2 * c.num_layers * length * c.num_kv_heads * c.head_dim * jnp.dtype(c.compute_dtype).itemsize
+        per_slot = cache_bytes_per_slot(c, length, c.compute_dtype)
         total += per_slot * cfg["num_slots"]
         lines.append(f"{name}: 2 x {c.num_layers} layers x {length} positions x {c.num_kv_heads} kv heads x "
                      f"{c.head_dim} x {jnp.dtype(c.compute_dtype).itemsize} B = {per_slot / 2**20:.1f} MiB per slot")

@@ -10,12 +10,9 @@ import dataclasses
 import re
 from typing import Any, Mapping
 
+from motab_jax.motab.policies import POLICY_NAMES, make_policy
 from motab_jax.motab.synthesize import DEFAULTS as SYNTHESIS_DEFAULTS
 
-POLICY_NAMES = ("motab", "motab_no_adaptive", "motab_no_backtrack", "motab_no_stitch", "skd_step", "skd_token",
-                "student_only", "teacher_only")
-# Policies whose teacher judges student steps (so a breach rate means something).
-JUDGING_POLICIES = ("motab", "motab_no_adaptive", "motab_no_backtrack", "motab_no_stitch", "skd_step")
 # Fields an entry may override: the ones that change what a policy does, not the engine's shapes.
 OVERRIDABLE = ("eps0", "theta", "gamma", "token_top_k", "entropy_top_k", "temperature", "teacher_temperature",
                "draft_temperature", "top_p", "revise", "seed")
@@ -34,6 +31,10 @@ class PolicyRun:
 
     def synthesis_section(self, section: Mapping[str, Any]) -> dict[str, Any]:
         return dict(section, policy=self.policy, **dict(self.overrides))
+
+    @property
+    def judges_steps(self) -> bool:
+        return make_policy(self.policy).judges_steps
 
 
 def _convert(field: str, text: str) -> Any:

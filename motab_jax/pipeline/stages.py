@@ -25,7 +25,7 @@ from motab_jax.models.factory import build_model
 from motab_jax.motab import synthesize
 from motab_jax.motab.synthesize import parse_questions
 from motab_jax.pipeline.demo_data import write_demo_data
-from motab_jax.pipeline.policy_runs import JUDGING_POLICIES, find_run, policy_runs
+from motab_jax.pipeline.policy_runs import find_run, policy_runs
 from motab_jax.sampling.generate import default_stop_tokens
 from motab_jax.text.prompts import question_content, question_prompt
 from motab_jax.train import OptimizerConfig, RolloutConfig, RolloutSource, StepConfig, TrainConfig, fit
@@ -127,7 +127,7 @@ def run_synthesize_stage(config: Any, run_dir: Path, mesh: Mesh) -> dict[str, An
         summary[run.label] = {
             "records": len(done), "new_records": len(records),
             # None for policies that judge no step (teacher_only, student_only, skd_token).
-            "breach_rate": len(breached) / max(len(done), 1) if run.policy in JUDGING_POLICIES else None,
+            "breach_rate": len(breached) / max(len(done), 1) if run.judges_steps else None,
             "mean_root_cause_depth": float(np.mean([r["breach_step"] - r["root_step"] for r in breached]))
             if breached else None,
             "tokens": {k: int(sum(r["tokens"][k] for r in done)) for k in ("student", "revise", "teacher")}}
@@ -153,8 +153,8 @@ def run_kd_stage(config: Any, run_dir: Path, mesh: Mesh) -> dict[str, Any]:
     k = config.kd
     teacher, tokenizer = build_model(_spec(config, run_dir, "teacher"), mesh)
     spec = _spec(config, run_dir, "student")
-    sft_model = run_dir / f"sft_{find_run(config, k.from_policy).stem if k.from_policy else ''}" / "hf"
     if k.from_policy:
+        sft_model = run_dir / f"sft_{find_run(config, k.from_policy).stem}" / "hf"
         if not (sft_model / "config.json").exists():
             raise FileNotFoundError(f"kd.from_policy={k.from_policy!r} but {sft_model} does not exist: run the "
                                     "sft stage first, or set kd.from_policy='' to distil the initial student")
@@ -192,13 +192,14 @@ def run_eval_stage(config: Any, run_dir: Path, mesh: Mesh) -> dict[str, Any]:
                              top_k=e.top_k, max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, limit=e.limit)
     candidates = {"student (before)": _spec(config, run_dir, "student"), "teacher": _spec(config, run_dir, "teacher")}
     trained = {f"student after {run.label} SFT": run_dir / f"sft_{run.stem}" / "hf" for run in policy_runs(config)}
-    trained["student after on-policy KD"] = run_dir / "kd" / "hf"
+    missing = [f"{name} ({folder})" for name, folder in trained.items() if not (folder / "config.json").exists()]
+    if missing:
+        log.info("eval: skipped, not trained yet (run the sft stage first): %s", ", ".join(missing))
+    trained["student after on-policy KD"] = run_dir / "kd" / "hf"  # optional: evaluated when the kd stage ran
     for name, folder in trained.items():
         if (folder / "config.json").exists():
             candidates[name] = _spec(config, run_dir, "student")
             candidates[name].path = str(folder)
-        elif "KD" not in name:
-            log.info("eval: %s skipped: %s does not exist (run the sft stage first)", name, folder)
     results = {}
     with GradingPool(num_workers=eval_config.grading_workers, item_timeout=eval_config.item_timeout) as pool:
         for name, spec in candidates.items():

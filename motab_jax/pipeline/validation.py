@@ -19,12 +19,13 @@ import jax
 
 from motab_jax.eval.benchmarks import BENCHMARKS
 from motab_jax.models.config import ModelConfig, config_from_hf
-from motab_jax.models.factory import make_tokenizer, validate_model_spec
+from motab_jax.models.factory import init_fields, make_tokenizer, validate_model_spec
 from motab_jax.models.sharding import MeshConfig
 from motab_jax.motab.synthesize import DEFAULTS as SYNTHESIS_DEFAULTS
-from motab_jax.motab.synthesize import cache_length, synthesis_problems
+from motab_jax.motab.synthesize import cache_bytes_per_slot, cache_length, synthesis_problems
 from motab_jax.pipeline.policy_runs import policy_runs
 from motab_jax.train.losses import LOSSES
+from motab_jax.train.optimizer import optimizer_problems
 
 log = logging.getLogger("motab_jax")
 
@@ -45,7 +46,7 @@ def _is_number(value: Any) -> bool:
 
 
 def _training_problems(section: Any, name: str) -> list[str]:
-    problems = []
+    problems = [f"{name}.{p}" for p in optimizer_problems(section)]
 
     def need(ok: bool, field: str, rule: str) -> None:
         if field in section and not ok:
@@ -55,14 +56,6 @@ def _training_problems(section: Any, name: str) -> list[str]:
         value = section.get(field, 0)
         return value if _is_number(value) else float("nan")
 
-    need(num("learning_rate") > 0, "learning_rate", "> 0")
-    need(0 <= num("min_learning_rate") <= num("learning_rate"), "min_learning_rate", "in [0, learning_rate]")
-    need(0 <= num("warmup_ratio") < 1, "warmup_ratio", "in [0, 1)")
-    need(num("weight_decay") >= 0, "weight_decay", ">= 0")
-    for field in ("beta1", "beta2"):
-        need(0 <= num(field) < 1, field, "in [0, 1)")
-    need(num("eps") > 0, "eps", "> 0")
-    need(num("clip_norm") >= 0, "clip_norm", ">= 0 (0 = no clipping)")
     for field in ("epochs", "micro_batches", "seq_len", "save_every", "keep_last", "chunk_size",
                   "global_batch_size", "prompts_per_step", "samples_per_prompt", "max_new_tokens"):
         need(isinstance(section.get(field), int) and num(field) >= 1, field, "an integer >= 1")
@@ -223,10 +216,7 @@ def _metadata_folder(path: str) -> Path | None:
 
 def model_facts(spec: Any, role: str) -> ModelFacts:
     if not spec.path:
-        fields = dict(spec.init)
-        if "eos_token_ids" in fields:
-            fields["eos_token_ids"] = tuple(fields["eos_token_ids"])
-        return ModelFacts(role, ModelConfig(**fields), make_tokenizer(spec.tokenizer))
+        return ModelFacts(role, ModelConfig(**init_fields(spec)), make_tokenizer(spec.tokenizer))
     folder = _metadata_folder(str(spec.path))
     if folder is None or not (folder / "config.json").exists():
         return ModelFacts(role, None, None)
@@ -247,14 +237,10 @@ def memory_estimate(config: Any, teacher: ModelConfig, student: ModelConfig) -> 
     def param_bytes(cfg: ModelConfig, spec: Any) -> float:
         return cfg.num_params * jax.numpy.dtype(spec.dtype).itemsize
 
-    def cache_bytes(cfg: ModelConfig, spec: Any, slots: int, length: int) -> float:
-        itemsize = jax.numpy.dtype(spec.compute_dtype or spec.dtype).itemsize
-        return 2 * cfg.num_layers * length * cfg.num_kv_heads * cfg.head_dim * itemsize * slots
-
     s = dict(config.synthesis)
-    synth = (param_bytes(teacher, config.teacher) + param_bytes(student, config.student)
-             + cache_bytes(teacher, config.teacher, s["num_slots"], cache_length(s))
-             + cache_bytes(student, config.student, s["num_slots"], cache_length(s)))
+    synth = sum(param_bytes(cfg, spec) + s["num_slots"] * cache_bytes_per_slot(cfg, cache_length(s),
+                                                                                spec.compute_dtype or spec.dtype)
+                for cfg, spec in ((teacher, config.teacher), (student, config.student)))
     sft = 16 * student.num_params
     kd = sft + param_bytes(teacher, config.teacher)
     return {"synthesize": synth, "sft": sft, "kd": kd}

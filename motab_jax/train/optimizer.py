@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Mapping
 
 import jax
 import optax
@@ -24,14 +24,32 @@ class OptimizerConfig:
     clip_norm: float = 1.0  # 0 disables clipping
 
     def __post_init__(self) -> None:
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate={self.learning_rate} must be > 0")
-        if not 0 <= self.min_learning_rate <= self.learning_rate:
-            raise ValueError(f"min_learning_rate={self.min_learning_rate} must be in [0, learning_rate]")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"warmup_ratio={self.warmup_ratio} must be in [0, 1)")
-        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
-            raise ValueError(f"beta1={self.beta1}, beta2={self.beta2} must be in [0, 1)")
+        problems = optimizer_problems(dataclasses.asdict(self))
+        if problems:
+            raise ValueError("; ".join(problems))
+
+
+def optimizer_problems(values: Mapping[str, Any]) -> list[str]:
+    """Every invalid OptimizerConfig value among `values` (fields not given are not checked), with its range."""
+    problems = []
+
+    def num(field: str) -> float:
+        value = values.get(field, 0)
+        return value if isinstance(value, (int, float)) and not isinstance(value, bool) else float("nan")
+
+    def need(ok: bool, field: str, rule: str) -> None:
+        if field in values and not ok:
+            problems.append(f"{field}={values[field]!r}: must be {rule}")
+
+    need(num("learning_rate") > 0, "learning_rate", "> 0")
+    need(0 <= num("min_learning_rate") <= num("learning_rate"), "min_learning_rate", "in [0, learning_rate]")
+    need(0 <= num("warmup_ratio") < 1, "warmup_ratio", "in [0, 1)")
+    need(num("weight_decay") >= 0, "weight_decay", ">= 0")
+    for field in ("beta1", "beta2"):
+        need(0 <= num(field) < 1, field, "in [0, 1)")
+    need(num("eps") > 0, "eps", "> 0")
+    need(num("clip_norm") >= 0, "clip_norm", ">= 0 (0 = no clipping)")
+    return problems
 
 
 def learning_rate_schedule(config: OptimizerConfig, total_steps: int) -> optax.Schedule:
