@@ -27,6 +27,9 @@ DEFAULT_RULES: Mapping[str, str | tuple[str, ...] | None] = {
     "batch": ("data", "fsdp"),
     "length": None,
     "cache_length": None,
+    # Paged cache pools: one pool shared by the batch, split over KV heads (tensor) only.
+    "cache_pages": None,
+    "page": None,
     "layers": None,
     "embed": "fsdp",
     "vocab": "tensor",

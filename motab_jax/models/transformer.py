@@ -8,16 +8,19 @@ initialisation, sharding, checkpoint loading and export.
 Calling conventions (all return float32 logits):
 - `model(tokens, positions=None, segment_ids=None)` -> [B, T, V]: full forward, no cache (training,
   scoring; packed inputs via segment ids and per-segment positions).
-- `model.extend(tokens, cache, num_valid=None, logits="all")` -> (logits, cache): run T new tokens of
-  every sequence at that sequence's own position `cache.lengths[b]`, write their keys/values and advance
-  the lengths by `num_valid` (default T). This one entry point is prefill (ragged: `num_valid` = prompt
-  lengths, `logits="last"`), decode (T = 1) and chunk scoring (T = k). Rewind with `cache.rewind`.
+- `model.extend(tokens, cache, num_valid=None, logits="all", fresh=False)` -> (logits, cache): run T new
+  tokens of every sequence at that sequence's own position `cache.lengths[b]`, write their keys/values and
+  advance the lengths by `num_valid` (default T). This one entry point is prefill (ragged: `num_valid` =
+  prompt lengths, `logits="last"`), decode (T = 1) and chunk scoring (T = k), on the dense `KVCache` (the
+  reference) and on the `PagedKVCache` alike. `fresh=True` says every sequence starts empty: attention is
+  then causal self-attention over the new tokens (splash / cuDNN / XLA), with no cache read, and the
+  keys/values are only written. Rewind with `cache.rewind`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Literal
+from typing import Any, Callable, Literal
 
 import jax
 import jax.numpy as jnp
@@ -27,9 +30,13 @@ from flax import nnx
 from motab_jax.models.attention import AttentionMask, attention
 from motab_jax.models.config import ModelConfig
 from motab_jax.models.kv_cache import KVCache
+from motab_jax.models.paged_attention import paged_attention
+from motab_jax.models.paged_cache import PagedKVCache, pages_for_budget
 from motab_jax.models.sharding import LogicalAxes
 
 Init = Literal["normal", "ones", "zeros"]
+# (cache, q, k, v, layer index) -> (attention output, cache): how a block reads and writes its cache.
+Attend = Callable[[Any, jax.Array, jax.Array, jax.Array, jax.Array], tuple[jax.Array, Any]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,7 +139,7 @@ class Decoder(nnx.Module):
         segments = None if segment_ids is None else segment_ids.astype(jnp.int32)
         mask = AttentionMask(index, index, segments, segments, self_attention=True)
         x = self._embed(tokens)
-        x, _ = self._run_layers(x, positions, mask, cache=None)
+        x, _ = self._run_layers(x, positions, mask)
         return self._final_norm(x)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
@@ -151,23 +158,70 @@ class Decoder(nnx.Module):
         return KVCache.zeros(cfg.num_layers, batch, max_length, cfg.num_kv_heads, cfg.head_dim,
                              _dtype(dtype or cfg.compute_dtype))
 
-    def extend(self, tokens: jax.Array, cache: KVCache, num_valid: jax.Array | None = None,
-               logits: Literal["all", "last", "none"] = "all") -> tuple[jax.Array | None, KVCache]:
+    def init_paged_cache(self, batch: int, max_length: int, *, page_size: int = 16, num_pages: int | None = None,
+                         budget_bytes: float | None = None, dtype: str | None = None,
+                         impl: str = "auto") -> PagedKVCache:
+        """A page pool of `num_pages` pages (or as many as `budget_bytes` holds; default: enough for every
+        sequence at `max_length`, plus the null page) and a page table for `batch` sequences of up to
+        `max_length` tokens. Give sequences pages with a `PageAllocator` before extending them."""
+        cfg = self.config
+        dtype = _dtype(dtype or cfg.compute_dtype)
+        pages_per_seq = -(-max_length // page_size)
+        if num_pages is None:
+            num_pages = (pages_for_budget(budget_bytes, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, page_size,
+                                          dtype) if budget_bytes is not None else batch * pages_per_seq + 1)
+        return PagedKVCache.zeros(num_layers=cfg.num_layers, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+                                  num_pages=num_pages, page_size=page_size, batch=batch, pages_per_seq=pages_per_seq,
+                                  dtype=dtype, impl=impl)
+
+    def extend(self, tokens: jax.Array, cache: KVCache | PagedKVCache, num_valid: jax.Array | None = None,
+               logits: Literal["all", "last", "none"] = "all",
+               fresh: bool = False) -> tuple[jax.Array | None, KVCache | PagedKVCache]:
         """Run tokens [B, T] at each sequence's position `cache.lengths`; see the module docstring.
 
         Returns logits [B, T, V] ("all"), [B, V] at each sequence's last valid token ("last") or None,
-        and the cache with lengths advanced by `num_valid` [B] (default T). Slots past a sequence's new
-        length hold padding and are overwritten later; writes past `cache.max_length` are dropped.
+        and the cache with lengths advanced by `num_valid` [B] (default T). Dense cache: slots past a
+        sequence's new length hold padding and are overwritten later; writes past `cache.max_length` are
+        dropped. Paged cache: only the valid tokens are written; a valid token without a page is dropped
+        and counted in `cache.dropped`. With `fresh`, every `cache.lengths` must be 0.
         """
         batch, length = tokens.shape
         starts = cache.lengths
         positions = starts[:, None] + jnp.arange(length, dtype=jnp.int32)[None, :]
-        slots = jnp.broadcast_to(jnp.arange(cache.max_length, dtype=jnp.int32), (batch, cache.max_length))
-        mask = AttentionMask(positions, slots)
-        x = self._embed(tokens)
-        x, (keys, values) = self._run_layers(x, positions, mask, cache=(cache.keys, cache.values))
         num_valid = jnp.full((batch,), length, jnp.int32) if num_valid is None else num_valid.astype(jnp.int32)
-        new_cache = KVCache(keys, values, starts + num_valid)
+        index = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+        self_mask = AttentionMask(index, index, self_attention=True)
+        impl = self.config.attention_impl
+        x = self._embed(tokens)
+        if isinstance(cache, PagedKVCache):
+            valid = jnp.arange(length, dtype=jnp.int32)[None, :] < num_valid[:, None]
+
+            def attend(c: PagedKVCache, q, k, v, layer):
+                c = c.write(layer, positions, valid, k, v)
+                if fresh:
+                    return attention(q, k, v, self_mask, impl), c
+                return paged_attention(q, k, v, c, layer, starts, num_valid), c
+
+            x, written = self._run_layers(x, positions, self_mask, cache, attend)
+            new_cache = dataclasses.replace(written, lengths=starts + num_valid,
+                                            dropped=cache.dropped + cache.count_unpaged(positions, valid))
+        else:
+            slots = jnp.broadcast_to(jnp.arange(cache.max_length, dtype=jnp.int32), (batch, cache.max_length))
+            cache_mask = AttentionMask(positions, slots)
+
+            def attend(kv, q, k, v, layer):
+                keys, values = kv
+                rows = jnp.arange(batch)[:, None]
+                keys = keys.at[layer, rows, positions].set(k.astype(keys.dtype), mode="drop")
+                values = values.at[layer, rows, positions].set(v.astype(values.dtype), mode="drop")
+                if fresh:
+                    return attention(q, k, v, self_mask, impl), (keys, values)
+                k_all = jax.lax.dynamic_index_in_dim(keys, layer, 0, keepdims=False).astype(q.dtype)
+                v_all = jax.lax.dynamic_index_in_dim(values, layer, 0, keepdims=False).astype(q.dtype)
+                return attention(q, k_all, v_all, cache_mask, impl), (keys, values)
+
+            x, (keys, values) = self._run_layers(x, positions, self_mask, (cache.keys, cache.values), attend)
+            new_cache = KVCache(keys, values, starts + num_valid)
         if logits == "none":
             return None, new_cache
         x = self._final_norm(x)
@@ -183,8 +237,9 @@ class Decoder(nnx.Module):
     def _final_norm(self, x: jax.Array) -> jax.Array:
         return rms_norm(x, self.final_norm[...], self.config.rms_norm_eps)
 
-    def _run_layers(self, x: jax.Array, positions: jax.Array, mask: AttentionMask,
-                    cache: tuple[jax.Array, jax.Array] | None):
+    def _run_layers(self, x: jax.Array, positions: jax.Array, mask: AttentionMask, cache: Any = None,
+                    attend: Attend | None = None):
+        """All layers under `lax.scan`; `cache` (any pytree) is carried and updated by `attend`."""
         cfg = self.config
         compute = _dtype(cfg.compute_dtype)
         stacked = {name: var.get_value() for name, var in vars(self.layers).items() if isinstance(var, nnx.Param)}
@@ -194,7 +249,7 @@ class Decoder(nnx.Module):
             x, kv = carry
             params, index = xs
             params = {k: v.astype(compute) for k, v in params.items()}
-            x, kv = decoder_layer(cfg, params, x, cos, sin, mask, kv, index)
+            x, kv = decoder_layer(cfg, params, x, cos, sin, mask, kv, index, attend)
             return (x, kv), None
 
         if cfg.remat != "none":
@@ -233,9 +288,9 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 def decoder_layer(cfg: ModelConfig, p: dict[str, jax.Array], x: jax.Array, cos: jax.Array, sin: jax.Array,
-                  mask: AttentionMask, kv: tuple[jax.Array, jax.Array] | None, layer_index: jax.Array):
-    """One pre-norm block. With `kv` (all layers' cache buffers) the new keys/values are written at
-    the query positions of layer `layer_index` and attention reads that layer's whole buffer."""
+                  mask: AttentionMask, kv: Any, layer_index: jax.Array, attend: Attend | None = None):
+    """One pre-norm block. Without `attend`, attention is over the block's own tokens under `mask`; with
+    it, `attend(kv, q, k, v, layer_index)` writes the new keys/values to the cache `kv` and attends."""
     h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
     q = jnp.einsum("btd,dhk->bthk", h, p["wq"])
     k = jnp.einsum("btd,dhk->bthk", h, p["wk"])
@@ -246,18 +301,10 @@ def decoder_layer(cfg: ModelConfig, p: dict[str, jax.Array], x: jax.Array, cos: 
         q = rms_norm(q, p["q_norm"], cfg.rms_norm_eps)
         k = rms_norm(k, p["k_norm"], cfg.rms_norm_eps)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    if kv is None:
-        k_all, v_all = k, v
+    if attend is None:
+        out = attention(q, k, v, mask, cfg.attention_impl)
     else:
-        keys, values = kv
-        batch = jnp.arange(x.shape[0])[:, None]
-        slots = mask.q_index  # [B, T]: the positions being written
-        keys = keys.at[layer_index, batch, slots].set(k.astype(keys.dtype), mode="drop")
-        values = values.at[layer_index, batch, slots].set(v.astype(values.dtype), mode="drop")
-        kv = (keys, values)
-        k_all = jax.lax.dynamic_index_in_dim(keys, layer_index, 0, keepdims=False).astype(q.dtype)
-        v_all = jax.lax.dynamic_index_in_dim(values, layer_index, 0, keepdims=False).astype(q.dtype)
-    out = attention(q, k_all, v_all, mask, cfg.attention_impl)
+        out, kv = attend(kv, q, k, v, layer_index)
     x = x + jnp.einsum("bthk,hkd->btd", out, p["wo"])
     if cfg.o_bias:
         x = x + p["bo"]

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from motab_jax.jsonl import append_records
 from motab_jax.models.config import ModelConfig
 from motab_jax.models.kv_cache import CACHE_AXES, KVCache
+from motab_jax.models.paged_cache import kv_bytes_per_token
 from motab_jax.models.sharding import shard_array
 from motab_jax.models.transformer import Decoder
 from motab_jax.motab.delimiter import build_delimiter_tables
@@ -126,8 +127,8 @@ def cache_length(cfg: Mapping[str, Any]) -> int:
 
 
 def cache_bytes_per_slot(model: ModelConfig, length: int, dtype: Any) -> int:
-    """Bytes of one slot's KV cache: keys and values of every layer over `length` positions."""
-    return 2 * model.num_layers * length * model.num_kv_heads * model.head_dim * jnp.dtype(dtype).itemsize
+    """Bytes of one slot's dense KV cache: keys and values of every layer over `length` positions."""
+    return length * kv_bytes_per_token(model.num_layers, model.num_kv_heads, model.head_dim, dtype)
 
 
 def check_memory(cfg: Mapping[str, Any], student: Decoder, teacher: Decoder) -> None:
