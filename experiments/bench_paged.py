@@ -31,7 +31,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
-from report import print_table  # noqa: E402
+from report import copy_bandwidth, print_table  # noqa: E402
 
 from motab_jax.models import ModelConfig, init_random  # noqa: E402
 from motab_jax.models.paged_cache import PageAllocator, kv_bytes_per_token  # noqa: E402
@@ -101,17 +101,6 @@ def time_chunk(model, cache, live: int, chunk: int, steps: int, rounds: int = 5)
         logits.block_until_ready()
         best = min(best, (time.perf_counter() - start) / steps)
     return best
-
-
-def copy_bandwidth() -> float:
-    x = jnp.ones((128, 1024, 1024), jnp.bfloat16)
-    f = jax.jit(lambda a: a + 1)
-    f(x).block_until_ready()
-    start = time.perf_counter()
-    for _ in range(10):
-        y = f(x)
-    y.block_until_ready()
-    return 2 * x.nbytes * 10 / (time.perf_counter() - start)
 
 
 def cpu_report(args) -> list[tuple[str, str]]:

@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
-from report import print_table  # noqa: E402
+from report import copy_bandwidth, print_table  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
@@ -94,17 +94,6 @@ def timed(fn, repeats: int = 3):
     for _ in range(repeats):
         out = fn()
     return (time.perf_counter() - start) / repeats, out
-
-
-def copy_bandwidth() -> float:
-    x = jnp.ones((256, 1024, 1024), jnp.bfloat16)  # 512 MiB
-    f = jax.jit(lambda a: a + 1)
-    f(x).block_until_ready()
-    start = time.perf_counter()
-    for _ in range(10):
-        y = f(x)
-    y.block_until_ready()
-    return 2 * x.nbytes * 10 / (time.perf_counter() - start)
 
 
 def decode_floor_seconds(model, batch: int, prompt: int, new: int, bandwidth: float) -> float:
