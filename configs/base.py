@@ -20,7 +20,7 @@ def model_spec(path: str = "") -> ml_collections.ConfigDict:
     spec.tokenizer = ""
     spec.dtype = "bfloat16"  # parameter dtype: float32 | bfloat16 | float16
     spec.compute_dtype = ""  # matmul dtype; "" = same as dtype. Logits are always float32.
-    spec.attention_impl = "auto"  # auto | xla | jax | cudnn | splash
+    spec.attention_impl = "auto"  # auto | xla | jax | cudnn | splash | pallas_gpu
     spec.remat = "none"  # none | full | dots | dots_no_batch (activation checkpointing under grad)
     spec.seed = 0  # for random init
     # ModelConfig fields for random init (model_type, vocab_size, hidden_size, intermediate_size, num_layers,

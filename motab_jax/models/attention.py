@@ -8,7 +8,17 @@
 - "splash": the Pallas splash-attention kernel for TPU (block-sparse causal + segment ids, with its own
   backward pass), for cache-free forwards whose length is a multiple of 128; runs in Pallas interpret
   mode off TPU (how the tests check it on CPU). Other shapes fall back to "jax".
-- "auto": "splash" on TPU where it fits, otherwise "jax" (safe on every backend).
+- "pallas_gpu": the Pallas (Triton) flash-attention kernel for NVIDIA GPUs
+  (`jax.experimental.pallas.ops.gpu.attention.mha`: causal + segment ids, its own backward pass, O(T)
+  memory), for cache-free forwards whose length tiles into power-of-two blocks of 16..128 (any multiple
+  of 16) and head_dim >= 16; GQA by repeating each KV head over its query group (the kernel wants as many
+  KV heads as query heads). Runs in Pallas interpret mode off GPU. Other shapes fall back to "jax".
+- "auto": on TPU "splash" where it fits; on GPU, cache-free passes use "cudnn" when unsegmented in
+  bf16/fp16 (head_dim <= 128, a multiple of 8), otherwise "pallas_gpu" where it fits; everything else
+  (and CPU) "jax" (safe everywhere).
+
+`resolve_impl` says which kernel a call really runs, so the memory preflight can tell whether a
+configuration materialises dense [T, S] float32 scores ("xla", "jax") or not.
 
 Masks are built from positions, never materialised per layer by callers: a query at index i may see a
 key at index j when j <= i (causal, by index in the buffer) and both carry the same segment id.
@@ -18,12 +28,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import get_args
 
 import jax
 import jax.numpy as jnp
 
+from motab_jax.models.config import AttentionImpl
+
 NEG_INF = -1e30
-ATTENTION_IMPLS = ("auto", "xla", "jax", "cudnn", "splash")
+# One source of truth for the accepted names: the config's Literal (config.py imports nothing from models).
+ATTENTION_IMPLS: tuple[str, ...] = get_args(AttentionImpl)
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["q_index", "kv_index", "q_segment", "kv_segment"],
@@ -98,27 +112,91 @@ def _splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Ar
 
 
 def splash_fits(q: jax.Array, mask: AttentionMask) -> bool:
-    length = q.shape[1]
-    return mask.self_attention and (length % SPLASH_BLOCK == 0 or length < SPLASH_BLOCK and length % 8 == 0)
+    return mask.self_attention and _splash_tiles(q.shape[1])
+
+
+def _splash_tiles(length: int) -> bool:
+    return length % SPLASH_BLOCK == 0 or length < SPLASH_BLOCK and length % 8 == 0
+
+
+# Forward tiles of the Triton kernel: Triton needs power-of-two block extents of at least 16 (tl.dot), and
+# the kernel reads whole blocks without bounds masks, so the length must be a multiple of the block.
+PALLAS_GPU_BLOCKS = (128, 64, 32, 16)
+# Backward tiles: the fused dK/dV + dQ kernel keeps [block, head_dim] float32 accumulators per program;
+# 32 is the kernel's own default (larger tiles may run faster but risk the shared-memory limit).
+PALLAS_GPU_BACKWARD_BLOCK = 32
+
+
+def _pallas_gpu_block(length: int, head_dim: int) -> int:
+    """The forward tile for this length, or 0 when the kernel cannot tile it."""
+    if head_dim < 16:
+        return 0
+    return next((b for b in PALLAS_GPU_BLOCKS if length % b == 0), 0)
+
+
+def _pallas_gpu_attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array | None,
+                          scale: float) -> jax.Array:
+    from jax.experimental.pallas.ops.gpu import attention as pallas_mha
+
+    b, t, h, d = q.shape
+    group = h // k.shape[2]
+    block = _pallas_gpu_block(t, d)
+    back = min(PALLAS_GPU_BACKWARD_BLOCK, block)
+    sizes = pallas_mha.BlockSizes(block_q=block, block_k=block, block_q_dkv=back, block_kv_dkv=back,
+                                  block_q_dq=back, block_kv_dq=back)
+    # The kernel indexes K/V by the query head, so GQA repeats each KV head over its group: [B, T, H, D],
+    # the size of q (O(T)); the repeat's transpose sums dK/dV back over the group. The kernel keeps these
+    # repeated K/V as its residuals, G times the unrepeated ones.
+    if group > 1:
+        k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
+    out = pallas_mha.mha(q, k, v, segments, sm_scale=scale, causal=True, block_sizes=sizes,
+                         interpret=jax.default_backend() != "gpu")
+    return out.astype(q.dtype)
+
+
+def resolve_impl(impl: str, *, self_attention: bool, segmented: bool, length: int, head_dim: int,
+                 dtype: jnp.dtype, backend: str | None = None) -> str:
+    """The kernel `attention` really runs for `impl` on these shapes ("xla", "jax", "cudnn", "splash" or
+    "pallas_gpu"): "auto" resolved for `backend` (default: JAX's), fallbacks for shapes a kernel cannot take.
+    "xla" and "jax" materialise dense [T, S] float32 scores per head; the others do not."""
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention_impl={impl!r}; accepted: {ATTENTION_IMPLS}")
+    backend = backend or jax.default_backend()
+    pallas_ok = self_attention and _pallas_gpu_block(length, head_dim) > 0
+    # cuDNN's fused kernel takes a causal flag; an explicit mask would be materialised as a bias, so only
+    # the unsegmented self-attention case uses it.
+    cudnn_ok = self_attention and not segmented
+    if impl == "auto":
+        if backend == "tpu":
+            impl = "splash"
+        elif (backend == "gpu" and cudnn_ok and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+              and head_dim <= 128 and head_dim % 8 == 0):
+            # The head sizes every cuDNN flash version accepts (an explicit "cudnn" passes any through).
+            impl = "cudnn"
+        elif backend == "gpu":
+            impl = "pallas_gpu"
+        else:
+            impl = "jax"
+    if impl == "splash" and not (self_attention and _splash_tiles(length)):
+        impl = "jax"
+    if impl == "pallas_gpu" and not pallas_ok:
+        impl = "jax"
+    if impl == "cudnn" and not cudnn_ok:
+        impl = "jax"
+    return impl
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, impl: str = "auto") -> jax.Array:
     """q [B, T, H, D], k/v [B, S, K, D] with K dividing H -> [B, T, H, D]."""
     scale = q.shape[-1] ** -0.5
-    if impl == "auto":
-        impl = "splash" if jax.default_backend() == "tpu" and splash_fits(q, mask) else "jax"
+    impl = resolve_impl(impl, self_attention=mask.self_attention, segmented=mask.q_segment is not None,
+                        length=q.shape[1], head_dim=q.shape[-1], dtype=q.dtype)
     if impl == "splash":
-        if splash_fits(q, mask):
-            return _splash_attention(q, k, v, mask.q_segment, scale)
-        impl = "jax"
+        return _splash_attention(q, k, v, mask.q_segment, scale)
+    if impl == "pallas_gpu":
+        return _pallas_gpu_attention(q, k, v, mask.q_segment, scale)
     if impl == "cudnn":
-        # cuDNN's fused kernel takes a causal flag; an explicit mask would be materialised as a bias, so
-        # only the unsegmented self-attention case uses it.
-        if mask.self_attention and mask.q_segment is None:
-            return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, implementation="cudnn")
-        impl = "jax"
+        return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, implementation="cudnn")
     if impl == "xla":
         return _xla_attention(q, k, v, mask.dense(), scale)
-    if impl == "jax":
-        return jax.nn.dot_product_attention(q, k, v, mask=mask.dense(), scale=scale)
-    raise ValueError(f"attention_impl={impl!r}; accepted: {ATTENTION_IMPLS}")
+    return jax.nn.dot_product_attention(q, k, v, mask=mask.dense(), scale=scale)

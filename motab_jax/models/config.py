@@ -20,7 +20,7 @@ SUPPORTED_MODEL_TYPES: dict[str, str] = {
 }
 SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
 RematPolicy = Literal["none", "full", "dots", "dots_no_batch"]
-AttentionImpl = Literal["auto", "xla", "jax", "cudnn", "splash"]
+AttentionImpl = Literal["auto", "xla", "jax", "cudnn", "splash", "pallas_gpu"]
 DTYPES = {"float32": np.float32, "bfloat16": "bfloat16", "float16": np.float16}
 
 
