@@ -163,7 +163,8 @@ def kernel_check_rows() -> list[tuple[str, str]]:
         want = jax.jit(reference_paged_attention)(q, ref, jnp.int32(1), sv[:, None] + jnp.arange(t), sv + nv)
         mask = np.arange(t)[None, :] < num_valid[:, None]
         err = float(np.abs(np.asarray(got, np.float32) - np.asarray(want, np.float32))[mask].max())
-        rows.append((f"paged kernel {impl} vs reference, {dtype}", f"max |diff| {err:.1e} ({'ok' if err < tol else 'FAIL'})"))
+        verdict = "ok" if err < tol else "FAIL"
+        rows.append((f"paged kernel {impl} vs reference, {dtype}", f"max |diff| {err:.1e} ({verdict})"))
     return rows
 
 

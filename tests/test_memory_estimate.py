@@ -72,7 +72,8 @@ def test_32k_sft_of_a_1_5b_model_fits_80gb_only_with_remat_and_flash_attention()
     assert len(problems) == 1, problems
     number = r"([\d.]+) GiB"
     match = re.match(rf"memory: stage sft needs at least {number} \(parameters and optimizer state "
-                     rf"\(16 B x 1.54e\+09\): {number} \+ activations \(remat=none, attention xla, 1 x 32768 tokens per micro-batch\): "
+                     rf"\(16 B x 1.54e\+09\): {number} \+ activations \(remat=none, attention xla, "
+                     rf"1 x 32768 tokens per micro-batch\): "
                      rf"{number} = {number}\) but 74.51 GiB are available", problems[0])
     assert match, problems[0]
     total, state, acts, total_again = map(float, match.groups())
