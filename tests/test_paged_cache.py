@@ -270,6 +270,7 @@ def test_gpu_kernel_in_interpret_mode_matches_float64():
 def test_tpu_kernel_inputs_through_the_packages_reference():
     """Our packing, layout and page ids fed to the package's own ragged-paged-attention reference."""
     from jax.experimental.pallas.ops.tpu.ragged_paged_attention import ref_ragged_paged_attention
+    from jax.experimental.pallas.ops.tpu.ragged_paged_attention.kernel import dynamic_validate_inputs
 
     starts, num_valid = np.asarray([0, 6, 13, 0]), np.asarray([3, 1, 4, 0])
     cache, k, v = _random_cache("pallas_tpu", 5, np.maximum(starts + num_valid, 1).tolist())
@@ -277,6 +278,7 @@ def test_tpu_kernel_inputs_through_the_packages_reference():
     for layer in range(2):
         args, kwargs, unpack = tpu_kernel_inputs(q, cache, jnp.int32(layer), jnp.asarray(starts, jnp.int32),
                                                  jnp.asarray(num_valid, jnp.int32))
+        dynamic_validate_inputs(*args, **kwargs)  # the kernel's own checks: shapes, dtypes, q_len <= kv_len
         got = unpack(ref_ragged_paged_attention(*args, **kwargs))
         want = _float64_attention(q, k[layer], v[layer], starts, num_valid)
         for r in range(4):
