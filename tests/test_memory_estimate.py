@@ -13,7 +13,7 @@ import pytest
 from configs import base
 from motab_jax.models.config import ModelConfig
 from motab_jax.pipeline import preflight
-from motab_jax.pipeline.validation import memory_breakdown, training_activation_bytes
+from motab_jax.pipeline.memory import memory_breakdown, training_activation_bytes
 
 TINY = ModelConfig(model_type="llama", vocab_size=32, hidden_size=8, intermediate_size=16, num_layers=2, num_heads=2,
                    num_kv_heads=1, head_dim=4)
