@@ -153,7 +153,8 @@ def kernel_check_rows() -> list[tuple[str, str]]:
         positions = jnp.broadcast_to(jnp.arange(width), (batch, width))
         k = jnp.asarray(rng.normal(size=(batch, width, hkv, d)), dtype)
         v = jnp.asarray(rng.normal(size=(batch, width, hkv, d)), dtype)
-        cache = cache.write(jnp.int32(1), positions, positions < jnp.asarray(starts + num_valid)[:, None], k, v)
+        valid = positions < jnp.asarray(starts + num_valid)[:, None]
+        cache = cache.write(jnp.int32(1), cache.page_slots(positions, valid), k, v)
         q = jnp.asarray(rng.normal(size=(batch, t, hkv * group, d)), dtype)
         take = np.minimum(starts[:, None] + np.arange(t), width - 1)
         k_new, v_new = k[np.arange(batch)[:, None], take], v[np.arange(batch)[:, None], take]

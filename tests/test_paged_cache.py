@@ -218,7 +218,8 @@ def _random_cache(layout_impl: str, seed: int, lengths: list[int], page: int = 4
     positions = jnp.broadcast_to(jnp.arange(width), (batch, width))
     valid = positions < jnp.asarray(lengths)[:, None]
     for layer in range(layers):
-        cache = cache.write(jnp.int32(layer), positions, valid, jnp.asarray(k[layer]), jnp.asarray(v[layer]))
+        cache = cache.write(jnp.int32(layer), cache.page_slots(positions, valid), jnp.asarray(k[layer]),
+                            jnp.asarray(v[layer]))
     return cache, k, v
 
 

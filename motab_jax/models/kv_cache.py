@@ -22,9 +22,23 @@ CACHE_AXES: LogicalAxes = ("layers", "batch", "cache_length", "kv_heads", "head_
 LENGTHS_AXES: LogicalAxes = ("batch",)
 
 
+class SequenceLengths:
+    """Length bookkeeping shared by the dense and the paged cache (frozen dataclasses with `lengths`)."""
+
+    lengths: jax.Array  # [batch] int32: valid tokens per sequence = position of the next token
+
+    def rewind(self, lengths: jax.Array):
+        """Move each sequence back to `lengths` [batch] tokens (only lowers a length; never copies)."""
+        return dataclasses.replace(self, lengths=jnp.minimum(self.lengths, jnp.asarray(lengths, jnp.int32)))
+
+    def with_lengths(self, lengths: jax.Array):
+        """Set the valid length of each sequence (e.g. per-sequence start positions before a prefill)."""
+        return dataclasses.replace(self, lengths=jnp.asarray(lengths, jnp.int32))
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class KVCache:
+class KVCache(SequenceLengths):
     keys: jax.Array  # [layers, batch, max_length, kv_heads, head_dim]
     values: jax.Array  # [layers, batch, max_length, kv_heads, head_dim]
     lengths: jax.Array  # [batch] int32: valid tokens per sequence = position of the next token
@@ -42,11 +56,3 @@ class KVCache:
     @property
     def max_length(self) -> int:
         return self.keys.shape[2]
-
-    def rewind(self, lengths: jax.Array) -> KVCache:
-        """Move each sequence back to `lengths` [batch] tokens (only lowers a length; never copies)."""
-        return dataclasses.replace(self, lengths=jnp.minimum(self.lengths, lengths.astype(jnp.int32)))
-
-    def with_lengths(self, lengths: jax.Array) -> KVCache:
-        """Set the valid length of each sequence (e.g. per-sequence start positions before a prefill)."""
-        return dataclasses.replace(self, lengths=jnp.asarray(lengths, jnp.int32))

@@ -20,7 +20,8 @@ counted in `dropped` (per sequence), so running past the allocated pages is visi
 
 Allocation lives on the host (`PageAllocator`, as in tpu-inference): before a device loop the host gives
 every live sequence pages for its next N tokens and commits the table; inside the loop the table is fixed
-and a rewind only lowers `lengths` (the pages stay with the sequence until the host trims them).
+and a rewind only lowers `lengths` (`rewind`, shared with the dense cache; the pages stay with the
+sequence until the host trims them).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from motab_jax.models.kv_cache import SequenceLengths
 from motab_jax.models.sharding import LogicalAxes
 
 PagedLayout = Literal["head_major", "combined"]
@@ -58,7 +60,7 @@ def pages_for_budget(budget_bytes: float, num_layers: int, num_kv_heads: int, he
                    data_fields=["k_pages", "v_pages", "page_table", "lengths", "dropped"],
                    meta_fields=["num_layers", "page_size", "impl"])
 @dataclasses.dataclass(frozen=True)
-class PagedKVCache:
+class PagedKVCache(SequenceLengths):
     k_pages: jax.Array  # see the module docstring for the two layouts
     v_pages: jax.Array | None
     page_table: jax.Array  # [batch, pages_per_seq] int32 page ids in [0, num_pages); 0 = no page
@@ -122,14 +124,7 @@ class PagedKVCache:
         """Bytes of the pool (the page table and lengths are negligible)."""
         return sum(a.size * a.dtype.itemsize for a in (self.k_pages, self.v_pages) if a is not None)
 
-    # ------------------------------------------------------------------ lengths and pages
-    def rewind(self, lengths: jax.Array) -> PagedKVCache:
-        """Move each sequence back to `lengths` [batch] tokens (only lowers a length; pages stay held)."""
-        return dataclasses.replace(self, lengths=jnp.minimum(self.lengths, jnp.asarray(lengths, jnp.int32)))
-
-    def with_lengths(self, lengths: jax.Array) -> PagedKVCache:
-        return dataclasses.replace(self, lengths=jnp.asarray(lengths, jnp.int32))
-
+    # ------------------------------------------------------------------ pages (rewind: SequenceLengths)
     def with_page_table(self, table: np.ndarray | jax.Array) -> PagedKVCache:
         table = jnp.asarray(table, jnp.int32)
         if table.shape != self.page_table.shape:
@@ -149,11 +144,22 @@ class PagedKVCache:
                                    dropped=rep(self.dropped))
 
     # ------------------------------------------------------------------ device-side access
-    def write(self, layer: jax.Array, positions: jax.Array, valid: jax.Array, k: jax.Array,
+    def page_slots(self, positions: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Where positions [B, T] live, the same for every layer: (page-table entry, offset in the page,
+        whether a `valid` [B, T] position has a page). Computed once per forward, used by every layer's
+        `write`; `valid & ~paged` are the writes that are dropped."""
+        page_index = positions // self.page_size
+        entry = jnp.take_along_axis(self.page_table, jnp.clip(page_index, 0, self.pages_per_seq - 1), axis=1)
+        paged = valid & (page_index < self.pages_per_seq) & (entry != NULL_PAGE)
+        return entry, positions % self.page_size, paged
+
+    def write(self, layer: jax.Array, slots: tuple[jax.Array, jax.Array, jax.Array], k: jax.Array,
               v: jax.Array) -> PagedKVCache:
-        """Write k/v [B, T, kv_heads, D] of `layer` at positions [B, T] where `valid` [B, T]; positions
-        without a page are dropped (counted by `count_unpaged`, not here: this runs once per layer)."""
-        page, offset = self._flat_slots(layer, positions, valid)
+        """Write k/v [B, T, kv_heads, D] of `layer` at `slots` (from `page_slots`); positions without a page
+        are dropped (the caller counts them in `dropped`: this runs once per layer)."""
+        entry, offset, paged = slots
+        pool_size = self.num_layers * self.num_pages
+        page = jnp.where(paged, layer * self.num_pages + entry, pool_size)  # pool_size: dropped by mode="drop"
         if self.layout == "head_major":
             kh = jnp.moveaxis(k.astype(self.k_pages.dtype), 2, 0)  # [Hkv, B, T, D]
             vh = jnp.moveaxis(v.astype(self.v_pages.dtype), 2, 0)
@@ -163,24 +169,6 @@ class PagedKVCache:
         b, t, h, d = k.shape
         kv = jnp.stack([k, v], axis=3).reshape(b, t, 2 * h, d).astype(self.k_pages.dtype)
         return dataclasses.replace(self, k_pages=self.k_pages.at[page, offset].set(kv, mode="drop"))
-
-    def _paged(self, positions: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """(page entry, has a page) [B, T] of each position."""
-        page_index = positions // self.page_size
-        entry = jnp.take_along_axis(self.page_table, jnp.clip(page_index, 0, self.pages_per_seq - 1), axis=1)
-        return entry, valid & (page_index < self.pages_per_seq) & (entry != NULL_PAGE)
-
-    def _flat_slots(self, layer: jax.Array, positions: jax.Array, valid: jax.Array):
-        """(pool page, offset) [B, T] of each position; an out-of-range pool page where it has no page."""
-        entry, ok = self._paged(positions, valid)
-        pool_size = self.num_layers * self.num_pages
-        page = jnp.where(ok, layer * self.num_pages + entry, pool_size)  # pool_size: dropped by mode="drop"
-        return page, positions % self.page_size
-
-    def count_unpaged(self, positions: jax.Array, valid: jax.Array) -> jax.Array:
-        """[B] valid positions that have no page (the writes `write` drops)."""
-        _, ok = self._paged(positions, valid)
-        return (valid & ~ok).sum(axis=1).astype(jnp.int32)
 
     def gather(self, layer: jax.Array, page_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Keys and values of `layer` on pages [B, n] -> each [B, n * page_size, kv_heads, D]."""

@@ -195,16 +195,17 @@ class Decoder(nnx.Module):
         x = self._embed(tokens)
         if isinstance(cache, PagedKVCache):
             valid = jnp.arange(length, dtype=jnp.int32)[None, :] < num_valid[:, None]
+            slots = cache.page_slots(positions, valid)
 
             def attend(c: PagedKVCache, q, k, v, layer):
-                c = c.write(layer, positions, valid, k, v)
+                c = c.write(layer, slots, k, v)
                 if fresh:
                     return attention(q, k, v, self_mask, impl), c
                 return paged_attention(q, k, v, c, layer, starts, num_valid), c
 
             x, written = self._run_layers(x, positions, self_mask, cache, attend)
             new_cache = dataclasses.replace(written, lengths=starts + num_valid,
-                                            dropped=cache.dropped + cache.count_unpaged(positions, valid))
+                                            dropped=cache.dropped + (valid & ~slots[2]).sum(axis=1, dtype=jnp.int32))
         else:
             slots = jnp.broadcast_to(jnp.arange(cache.max_length, dtype=jnp.int32), (batch, cache.max_length))
             cache_mask = AttentionMask(positions, slots)

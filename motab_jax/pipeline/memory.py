@@ -194,11 +194,6 @@ def _teacher_forward_bytes(config: Any, teacher: ModelConfig, student: ModelConf
     return float(hidden + max(transient, 0.0))
 
 
-def memory_estimate(config: Any, teacher: ModelConfig, student: ModelConfig) -> dict[str, float]:
-    """Total bytes each stage needs at its peak, summed over devices (the sums of `memory_breakdown`)."""
-    return {stage: sum(parts.values()) for stage, parts in memory_breakdown(config, teacher, student).items()}
-
-
 def format_bytes(num_bytes: float) -> str:
     return f"{num_bytes / 2**30:.2f} GiB" if num_bytes >= 2**30 else f"{num_bytes / 2**20:.1f} MiB"
 
