@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from motab_jax.motab.synthesize import DEFAULTS as SYNTHESIS_DEFAULTS
+from motab_jax.motab.config import DEFAULTS as SYNTHESIS_DEFAULTS
 
 
 def model_spec(path: str = "") -> ml_collections.ConfigDict:
@@ -72,8 +72,11 @@ def get_config() -> ml_collections.ConfigDict:
         # (0: the models are pretrained on the train split); the three are disjoint.
         demo_train=256, demo_held_out=40, demo_pretrain=0))  # SFT: also mask the flawed student steps before REVISE
 
-    # Synthesis (spec section 3); every field of motab_jax.motab.synthesize.DEFAULTS. `policy` is used when
-    # `policies` is empty; run.py sets output_path itself (run_dir/synthesis_<policy>.jsonl).
+    # Synthesis (spec section 3): the fields of motab_jax/motab/config.py:SynthesisConfig, where each knob's
+    # default, accepted range and meaning are declared. `policy` is used when `policies` is empty; run.py sets
+    # output_path itself (run_dir/synthesis_<policy>.jsonl). The KV cache is paged: page_size positions per
+    # page, num_pages pages per model's pool (0 = sized from the devices' memory), paged_impl the attention
+    # kernel (auto | reference | pallas_gpu | pallas_tpu).
     config.synthesis = ml_collections.ConfigDict(dict(SYNTHESIS_DEFAULTS))
 
     # SFT (spec section 5, the paper's recipe).

@@ -24,9 +24,10 @@ from motab_jax.eval.grading import GradingPool
 from motab_jax.eval.metrics import summarize
 from motab_jax.jsonl import append_records, read_records
 from motab_jax.models.transformer import Decoder
-from motab_jax.sampling.generate import batch_completions, default_stop_tokens
+from motab_jax.motab.generation import GenerationConfig, generate_rows
+from motab_jax.sampling.generate import completion, default_stop_tokens
 from motab_jax.sampling.rules import make_rule
-from motab_jax.sampling.sampler import bucket, sample_batch
+from motab_jax.sampling.sampler import bucket
 from motab_jax.text.prompts import question_prompt
 
 log = logging.getLogger("motab_jax")
@@ -114,22 +115,25 @@ def _evaluate_one(model: Decoder, tokenizer: Any, spec: BenchmarkSpec, config: E
                              f"{bucket(len(ids))}) + max_new_tokens ({config.max_new_tokens}) exceed the model's "
                              f"{limit} positions; lower max_new_tokens")
     bar = tqdm(total=len(todo), desc=spec.name, unit="sample", disable=not progress)
-    for start in range(0, len(todo), config.batch_size):
-        chunk = todo[start:start + config.batch_size]
-        result = sample_batch(model, [prompts[i][1] for i, _ in chunk],
-                              [i * spec.samples + j for i, j in chunk], rule=rule,
-                              max_new_tokens=config.max_new_tokens, stop_tokens=stops, seed=config.seed,
-                              batch_size=config.batch_size)
-        completions = batch_completions(result, tokenizer, len(chunk))
-        grades = pool.grade([(spec.kind, c.text, problems[i].answer) for (i, _), c in zip(chunk, completions)],
-                            deadline=config.grading_deadline)
-        records = ({"benchmark": spec.name, "problem_id": problems[i].id, "sample_index": j, "prompt": prompts[i][0],
-                    "completion": c.text, "extracted_answer": grade.extracted, "gold": problems[i].answer,
-                    "correct": grade.correct, "timed_out": grade.timed_out, "finish_reason": c.finish_reason,
-                    "num_tokens": len(c.token_ids)}
-                   for (i, j), c, grade in zip(chunk, completions, grades))
-        for _ in append_records(path, records):
-            bar.update(1)
+    # Every sample is one row of the engine (continuous batching over batch_size slots); finished samples
+    # are graded and appended in groups of batch_size, so an interruption loses at most one group.
+    stream = generate_rows(model, [prompts[i][1] for i, _ in todo], [i * spec.samples + j for i, j in todo],
+                           rule=rule, max_new_tokens=config.max_new_tokens, stop_tokens=stops, seed=config.seed,
+                           config=GenerationConfig(num_slots=config.batch_size))
+    group: list[tuple[tuple[int, int], Any]] = []
+    for n, (index, row) in enumerate(stream, 1):
+        group.append((todo[index], completion(row.tokens, None, row.hit_stop, tokenizer)))
+        if len(group) == config.batch_size or n == len(todo):
+            grades = pool.grade([(spec.kind, c.text, problems[i].answer) for (i, _), c in group],
+                                deadline=config.grading_deadline)
+            records = ({"benchmark": spec.name, "problem_id": problems[i].id, "sample_index": j,
+                        "prompt": prompts[i][0], "completion": c.text, "extracted_answer": grade.extracted,
+                        "gold": problems[i].answer, "correct": grade.correct, "timed_out": grade.timed_out,
+                        "finish_reason": c.finish_reason, "num_tokens": len(c.token_ids)}
+                       for ((i, j), c), grade in zip(group, grades))
+            for _ in append_records(path, records):
+                bar.update(1)
+            group = []
     bar.close()
     records = read_records(path, ("problem_id", "sample_index"))
     per_problem = []

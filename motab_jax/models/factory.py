@@ -9,6 +9,7 @@ from jax.sharding import Mesh
 
 from motab_jax.models.config import DTYPES, ModelConfig
 from motab_jax.models.loading import init_random, load, vocab_for_logits
+from motab_jax.models.sharding import DEFAULT_RULES, Rules
 from motab_jax.models.transformer import Decoder
 
 TOKENIZER_CHOICES = ("", "byte_level", "qwen2", "qwen3")
@@ -52,12 +53,14 @@ def init_fields(spec: Mapping[str, Any]) -> dict[str, Any]:
     return fields
 
 
-def build_model(spec: Mapping[str, Any], mesh: Mesh | None = None) -> tuple[Decoder, Any]:
-    """Load `spec.path`, or randomly initialise `spec.init`; the tokenizer comes from the path or `spec.tokenizer`."""
+def build_model(spec: Mapping[str, Any], mesh: Mesh | None = None,
+                rules: Rules = DEFAULT_RULES) -> tuple[Decoder, Any]:
+    """Load `spec.path`, or randomly initialise `spec.init`; the tokenizer comes from the path or `spec.tokenizer`.
+    `rules` place the parameters on `mesh` (training's by default; `SAMPLING_RULES` for stages that decode)."""
     runtime = dict(param_dtype=spec["dtype"], compute_dtype=spec.get("compute_dtype") or spec["dtype"],
                    attention_impl=spec.get("attention_impl", "auto"), remat=spec.get("remat", "none"))
     if spec.get("path"):
-        model, tokenizer = load(spec["path"], dtype=runtime.pop("param_dtype"), mesh=mesh,
+        model, tokenizer = load(spec["path"], dtype=runtime.pop("param_dtype"), mesh=mesh, rules=rules,
                                 compute_dtype=runtime.pop("compute_dtype"), **runtime)
         if tokenizer is None and spec.get("tokenizer"):
             tokenizer = make_tokenizer(spec["tokenizer"])
@@ -65,4 +68,4 @@ def build_model(spec: Mapping[str, Any], mesh: Mesh | None = None) -> tuple[Deco
     tokenizer = make_tokenizer(spec["tokenizer"])
     cfg = ModelConfig(**init_fields(spec), **runtime)
     cfg = cfg.replace(logits_vocab_size=vocab_for_logits(cfg, len(tokenizer), "init"))
-    return init_random(cfg, seed=int(spec.get("seed", 0)), mesh=mesh), tokenizer
+    return init_random(cfg, seed=int(spec.get("seed", 0)), mesh=mesh, rules=rules), tokenizer

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from motab_jax.models.config import DTYPES, ModelConfig, config_from_hf
 from motab_jax.models.hf_mapping import hf_keys, layer_shape
 from motab_jax.models.safetensors_io import SafetensorsFile
-from motab_jax.models.sharding import logical_sharding
+from motab_jax.models.sharding import DEFAULT_RULES, Rules, logical_sharding
 from motab_jax.models.transformer import (
     Decoder,
     abstract_decoder,
@@ -89,23 +89,39 @@ class InMemoryTensors:
         return self._tensors[name]
 
 
-def param_shardings(cfg: ModelConfig, mesh: Mesh | None) -> dict[str, jax.sharding.Sharding]:
-    """Target sharding of every parameter: from the logical-axis rules, or one device without a mesh."""
+def param_shardings(cfg: ModelConfig, mesh: Mesh | None, rules: Rules = DEFAULT_RULES) -> dict[str, jax.sharding.Sharding]:
+    """Target sharding of every parameter: from the logical-axis rules (training's by default; generation stages
+    pass `SAMPLING_RULES`), or one device without a mesh."""
     if mesh is None:
         return {name: SingleDeviceSharding(jax.devices()[0]) for name in param_specs(cfg)}
-    return {name: logical_sharding(mesh, spec.axes, param_shape(cfg, spec)) for name, spec in param_specs(cfg).items()}
+    return {name: logical_sharding(mesh, spec.axes, param_shape(cfg, spec), rules)
+            for name, spec in param_specs(cfg).items()}
 
 
-def init_random(cfg: ModelConfig, *, seed: int = 0, mesh: Mesh | None = None) -> Decoder:
+def resharded(model: Decoder, rules: Rules) -> Decoder:
+    """`model` with its parameters placed by `rules` on the mesh they are on (a copy; the same model off a mesh):
+    e.g. the training student placed for sampling its rollouts."""
+    values = param_values(model)
+    sharding = next(iter(values.values())).sharding
+    if not isinstance(sharding, jax.sharding.NamedSharding):
+        return model
+    shardings = param_shardings(model.config, sharding.mesh, rules)
+    copy = abstract_decoder(model.config)
+    set_param_values(copy, {name: jax.device_put(v, shardings[name]) for name, v in values.items()})
+    return copy
+
+
+def init_random(cfg: ModelConfig, *, seed: int = 0, mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES) -> Decoder:
     """A randomly initialised Decoder, each parameter created directly in its target sharding."""
-    make = jax.jit(lambda: param_values(Decoder(cfg, rngs=nnx.Rngs(seed))), out_shardings=param_shardings(cfg, mesh))
+    make = jax.jit(lambda: param_values(Decoder(cfg, rngs=nnx.Rngs(seed))),
+                   out_shardings=param_shardings(cfg, mesh, rules))
     model = abstract_decoder(cfg)
     set_param_values(model, make())
     return model
 
 
 def load_params(cfg: ModelConfig, source: TensorSource, mesh: Mesh | None = None,
-                where: str = "checkpoint") -> dict[str, jax.Array]:
+                where: str = "checkpoint", rules: Rules = DEFAULT_RULES) -> dict[str, jax.Array]:
     """Read every parameter of `cfg` from `source`, each placed with its target sharding."""
     dtype = np.dtype(jax.numpy.dtype(cfg.param_dtype))
     specs = param_specs(cfg)
@@ -116,7 +132,7 @@ def load_params(cfg: ModelConfig, source: TensorSource, mesh: Mesh | None = None
     if missing:
         raise KeyError(f"{where}: {len(missing)} tensors the {cfg.model_type} config needs are missing, e.g. "
                        f"{missing[:5]}; is the checkpoint complete and does config.json match it?")
-    shardings = param_shardings(cfg, mesh)
+    shardings = param_shardings(cfg, mesh, rules)
     params: dict[str, jax.Array] = {}
     # A bar per parameter group: a 32B checkpoint takes minutes to read. Hidden for small models.
     bar = tqdm(keys, desc=f"loading {Path(where).name or where}", unit="tensor",
@@ -176,13 +192,15 @@ def resolve_checkpoint(path_or_hub_id: str | os.PathLike) -> Path:
 
 
 def load(path_or_hub_id: str | os.PathLike, *, dtype: str = "bfloat16", mesh: Mesh | None = None,
-         compute_dtype: str | None = None, **config_overrides: Any) -> tuple[Decoder, Any]:
+         compute_dtype: str | None = None, rules: Rules = DEFAULT_RULES,
+         **config_overrides: Any) -> tuple[Decoder, Any]:
     """Load a Qwen2/Qwen2.5/Qwen3/Llama checkpoint as (model, tokenizer).
 
     `path_or_hub_id`: a Hugging Face folder (config.json, model.safetensors or a sharded index, tokenizer
     files), a hub id ("Qwen/Qwen3-4B"), or a `.gguf` file. Parameters are stored in `dtype` and computed
     in `compute_dtype` (default: `dtype`); logits are float32 over the tokenizer's vocabulary.
-    `config_overrides` set `ModelConfig` fields (e.g. remat="full", attention_impl="xla").
+    `rules`: the logical-axis rules that place the parameters on `mesh` (`sharding.SAMPLING_RULES` for models
+    that only decode). `config_overrides` set `ModelConfig` fields (e.g. remat="full", attention_impl="xla").
     The tokenizer is None (with a warning) when the folder has no tokenizer files.
     """
     from motab_jax.text import load_tokenizer
@@ -213,7 +231,7 @@ def load(path_or_hub_id: str | os.PathLike, *, dtype: str = "bfloat16", mesh: Me
     if tokenizer is not None and "logits_vocab_size" not in config_overrides:
         cfg = cfg.replace(logits_vocab_size=vocab_for_logits(cfg, len(tokenizer), str(path)))
     model = abstract_decoder(cfg)
-    set_param_values(model, load_params(cfg, source, mesh, where=str(path)))
+    set_param_values(model, load_params(cfg, source, mesh, where=str(path), rules=rules))
     return model, tokenizer
 
 

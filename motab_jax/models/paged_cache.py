@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Literal
+from typing import Any, Literal, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -131,13 +131,14 @@ class PagedKVCache(SequenceLengths):
             raise ValueError(f"page table shape {table.shape} != the cache's {self.page_table.shape}")
         return dataclasses.replace(self, page_table=table)
 
-    def placed(self, mesh: jax.sharding.Mesh) -> PagedKVCache:
-        """The cache on `mesh`: pools split over KV heads by the sharding rules, the rest replicated (one
-        pool serves the whole batch, so any sequence's pages are on every device of a tensor group)."""
-        from motab_jax.models.sharding import shard_array
+    def placed(self, mesh: jax.sharding.Mesh, rules: Mapping[str, Any] | None = None) -> PagedKVCache:
+        """The cache on `mesh`: pools split over KV heads by the sharding rules (default: the training rules),
+        the rest replicated (one pool serves the whole batch, so any sequence's pages are on every device of a
+        tensor group)."""
+        from motab_jax.models.sharding import DEFAULT_RULES, shard_array
 
         axes = HEAD_MAJOR_AXES if self.layout == "head_major" else COMBINED_AXES
-        put = lambda a: None if a is None else shard_array(a, mesh, axes)
+        put = lambda a: None if a is None else shard_array(a, mesh, axes, rules or DEFAULT_RULES)
         rep = lambda a: shard_array(a, mesh, (None,) * a.ndim)
         return dataclasses.replace(self, k_pages=put(self.k_pages), v_pages=put(self.v_pages),
                                    page_table=rep(self.page_table), lengths=rep(self.lengths),

@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 
 MESH_AXES = ("data", "fsdp", "tensor")
 LogicalAxes = tuple[str | None, ...]
+Rules = Mapping[str, str | tuple[str, ...] | None]  # logical axis -> mesh axis or axes
 
 # Logical axis -> mesh axis (or axes). Parameters are sharded over fsdp on the embedding dimension
 # (ZeRO-3 style) and over tensor on heads / mlp / vocab (Megatron style); batches over data and fsdp.
@@ -38,6 +39,17 @@ DEFAULT_RULES: Mapping[str, str | tuple[str, ...] | None] = {
     "head_dim": None,
     "mlp": "tensor",
 }
+
+
+# The rules of stages that decode (synthesis, evaluation, rollouts): every weight is split along its heads / mlp /
+# vocabulary dimension over every mesh axis that divides it (tensor parallelism), never along the embedding
+# dimension that most matmuls contract over, so a decode step or a k+1 chunk needs no weight all-gather; the KV
+# page pools split over KV heads the same way. One engine uses all the mesh's devices this way; slots and page
+# tables are replicated (data-parallel engines across hosts are a separate mode).
+_MODEL_PARALLEL = ("tensor", "fsdp", "data")
+SAMPLING_RULES: Mapping[str, str | tuple[str, ...] | None] = {
+    **DEFAULT_RULES, "batch": None, "embed": None, "vocab": _MODEL_PARALLEL, "heads": _MODEL_PARALLEL,
+    "kv_heads": _MODEL_PARALLEL, "mlp": _MODEL_PARALLEL}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,6 +127,7 @@ def logical_sharding(mesh: Mesh, axes: LogicalAxes, shape: Sequence[int],
     return NamedSharding(mesh, logical_to_spec(axes, shape, mesh, rules))
 
 
-def shard_array(x: jax.Array | np.ndarray, mesh: Mesh, axes: LogicalAxes) -> jax.Array:
+def shard_array(x: jax.Array | np.ndarray, mesh: Mesh, axes: LogicalAxes,
+                rules: Mapping[str, str | tuple[str, ...] | None] = DEFAULT_RULES) -> jax.Array:
     """Place one array on `mesh` according to its logical axes."""
-    return jax.device_put(x, logical_sharding(mesh, axes, x.shape))
+    return jax.device_put(x, logical_sharding(mesh, axes, x.shape, rules))

@@ -32,6 +32,9 @@ class Policy:
     # is the safe prefix + teacher text (SKD's rewrite, MOTAB's no-stitching ablation).
     stitch: bool = True
     token_top_k: int = 0  # > 0: token-level SKD (drafted tokens outside the teacher's top-K are replaced)
+    # Random keys per token position (fold_in(trajectory key, token index)) instead of per iteration: plain
+    # generation draws exactly the keys of the static sampler (`sampling.sampler.sample_batch`).
+    keys_by_position: bool = False
 
     def boundary(self, entropy: jax.Array) -> jax.Array:
         """The step's safety boundary eps (0 for policies without one)."""
@@ -99,6 +102,15 @@ class SkdToken(Policy):
 class StudentOnly(Policy):
     name: str = "student_only"
     needs_teacher: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Plain(Policy):
+    """Plain sampling from the student (evaluation, on-policy rollouts, `generate`): no teacher, no steps."""
+
+    name: str = "plain"
+    needs_teacher: bool = False
+    keys_by_position: bool = True
 
 
 @dataclasses.dataclass(frozen=True)

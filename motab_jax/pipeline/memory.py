@@ -9,7 +9,9 @@ from typing import Any
 import jax
 
 from motab_jax.models.config import ModelConfig
-from motab_jax.motab.synthesize import cache_bytes_per_slot, cache_length
+from motab_jax.motab.pool import PoolPlan, plan_pool
+from motab_jax.motab.synthesize import kv_token_bytes, synthesis_pool
+from motab_jax.sampling.sampler import bucket
 
 # Bytes per element of what the estimate counts outside the compute dtype: float32 statistics, scores, logits.
 _F32 = 4
@@ -130,6 +132,28 @@ def _resolved_attention(spec: Any, cfg: ModelConfig, seq_len: int) -> str:
                         head_dim=cfg.head_dim, dtype=jax.numpy.dtype(spec.compute_dtype or spec.dtype))
 
 
+def _cached(cfg: ModelConfig, spec: Any) -> ModelConfig:
+    """`cfg` with the compute dtype the run gives it (its KV caches are stored in it)."""
+    return cfg.replace(compute_dtype=spec.compute_dtype or spec.dtype)
+
+
+def generation_pools(config: Any, teacher: ModelConfig, student: ModelConfig,
+                     device_bytes: tuple[float, str] | None = None) -> dict[str, PoolPlan]:
+    """The KV page pools synthesis and evaluation would get (`motab.pool.plan_pool`, the engine's own rule);
+    `device_bytes`: the memory to size them from (default: the devices')."""
+    s = dict(config.synthesis)
+    t, st = _cached(teacher, config.teacher), _cached(student, config.student)
+    weights = teacher.num_params * jax.numpy.dtype(config.teacher.dtype).itemsize + \
+        student.num_params * jax.numpy.dtype(config.student.dtype).itemsize
+    e = config.eval
+    return {"synthesize": synthesis_pool(s, st, t, weight_bytes=weights, device_bytes=device_bytes),
+            # Evaluation prompts are not known before loading: synthesis.max_prompt_len stands for them.
+            "eval": plan_pool(num_slots=int(e.batch_size), page_size=s["page_size"],
+                              max_len=bucket(s["max_prompt_len"]) + int(e.max_new_tokens) + 10,
+                              max_prompt_len=s["max_prompt_len"], token_bytes=kv_token_bytes([t]),
+                              memory_budget_gb=s["memory_budget_gb"], weight_bytes=weights, device_bytes=device_bytes)}
+
+
 def _micro_rows(section: Any, rows: int) -> int:
     return max(rows // max(int(section.micro_batches), 1), 1)
 
@@ -145,12 +169,20 @@ def memory_breakdown(config: Any, teacher: ModelConfig, student: ModelConfig) ->
     def itemsize(spec: Any) -> int:
         return jax.numpy.dtype(spec.compute_dtype or spec.dtype).itemsize
 
-    s = dict(config.synthesis)
+    pools = generation_pools(config, teacher, student)
+    synthesis = pools["synthesize"]
     out: dict[str, dict[str, float]] = {"synthesize": {
-        "parameters": sum(param_bytes(cfg, spec) for cfg, spec in ((teacher, config.teacher),
-                                                                  (student, config.student))),
-        "KV caches": sum(s["num_slots"] * cache_bytes_per_slot(cfg, cache_length(s), spec.compute_dtype or spec.dtype)
-                         for cfg, spec in ((teacher, config.teacher), (student, config.student)))}}
+        "parameters": param_bytes(teacher, config.teacher) + param_bytes(student, config.student),
+        f"KV page pools, the least that runs ({synthesis.min_pages} pages: one trajectory of {synthesis.max_len} "
+        f"positions + {synthesis.num_slots - 1} prompts of {synthesis.max_prompt_len})":
+            synthesis.min_pages * synthesis.page_size * synthesis.token_bytes}}
+    evaluation = pools["eval"]
+    out["eval"] = {
+        "parameters (the larger model evaluated)": max(param_bytes(teacher, config.teacher),
+                                                        param_bytes(student, config.student)),
+        f"KV page pool, the least that runs ({evaluation.min_pages} pages: one sample of {evaluation.max_len} "
+        f"positions + {evaluation.num_slots - 1} prompts)": evaluation.min_pages * evaluation.page_size * max(
+            kv_token_bytes([_cached(teacher, config.teacher)]), kv_token_bytes([_cached(student, config.student)]))}
     spec = config.student
     # The train step keeps float32 master weights; each layer casts them to the compute dtype.
     cast = itemsize(spec) != 4
@@ -211,8 +243,9 @@ def available_memory() -> float:
 
 def memory_hint(config: Any, stage: str, parts: dict[str, float]) -> str:
     """What would shrink this stage's peak, given the settings the estimate used."""
-    if stage == "synthesize":
-        return "a smaller synthesis.num_slots / traj_cap, or bfloat16"
+    if stage in ("synthesize", "eval"):
+        return ("a smaller synthesis.num_slots / traj_cap / max_prompt_len (eval: eval.batch_size / max_new_tokens), "
+                "tensor parallelism over more devices, or bfloat16")
     hints = []
     if str(config.student.get("remat", "none")) != "full":
         hints.append("student.remat='full'")

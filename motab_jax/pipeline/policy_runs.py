@@ -10,12 +10,11 @@ import dataclasses
 import re
 from typing import Any, Mapping
 
+from motab_jax.motab.config import OVERRIDABLE, convert_override
 from motab_jax.motab.policies import POLICY_NAMES, make_policy
-from motab_jax.motab.synthesize import DEFAULTS as SYNTHESIS_DEFAULTS
 
-# Fields an entry may override: the ones that change what a policy does, not the engine's shapes.
-OVERRIDABLE = ("eps0", "theta", "gamma", "token_top_k", "entropy_top_k", "temperature", "teacher_temperature",
-               "draft_temperature", "top_p", "revise", "seed")
+# OVERRIDABLE: the fields an entry may override, the ones that change what a policy does, not the engine's
+# shapes; each is marked `overridable` in motab_jax/motab/config.py:SynthesisConfig.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,19 +36,6 @@ class PolicyRun:
         return make_policy(self.policy).judges_steps
 
 
-def _convert(field: str, text: str) -> Any:
-    default = SYNTHESIS_DEFAULTS[field]
-    if isinstance(default, bool):
-        if text.lower() not in ("true", "false", "1", "0"):
-            raise ValueError(f"{field}={text!r} is not a boolean")
-        return text.lower() in ("true", "1")
-    try:
-        return type(default)(text)
-    except ValueError:
-        raise ValueError(f"{field}={text!r} is not {'an integer' if isinstance(default, int) else 'a number'}") \
-            from None
-
-
 def parse_policy_entry(entry: str) -> PolicyRun:
     """`name[@field=value[&field=value...]]` -> PolicyRun; raises ValueError naming what is wrong."""
     name, _, rest = entry.strip().partition("@")
@@ -62,7 +48,7 @@ def parse_policy_entry(entry: str) -> PolicyRun:
             raise ValueError(f"policies: {item!r} in {entry!r} is not field=value with a field of "
                              f"{', '.join(OVERRIDABLE)}")
         try:
-            overrides.append((field, _convert(field, value)))
+            overrides.append((field, convert_override(field, value)))
         except ValueError as e:
             raise ValueError(f"policies: {entry!r}: {e}") from None
     return PolicyRun(entry.strip(), name, tuple(overrides))

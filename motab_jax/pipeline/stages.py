@@ -22,6 +22,7 @@ from motab_jax.data import BatchIterator, Example, SFTDataset, build_sft_rows, r
 from motab_jax.eval import EvalConfig, evaluate
 from motab_jax.eval.grading import GradingPool
 from motab_jax.models.factory import build_model
+from motab_jax.models.sharding import SAMPLING_RULES
 from motab_jax.motab import synthesize
 from motab_jax.motab.synthesize import parse_questions
 from motab_jax.pipeline.demo_data import write_demo_data
@@ -113,8 +114,9 @@ def run_pretrain_stage(config: Any, run_dir: Path, mesh: Mesh) -> dict[str, Any]
 
 
 def run_synthesize_stage(config: Any, run_dir: Path, mesh: Mesh) -> dict[str, Any]:
-    teacher, tokenizer = build_model(_spec(config, run_dir, "teacher"), mesh)
-    student, _ = build_model(_spec(config, run_dir, "student"), mesh)
+    # Decoding stages place weights by the sampling rules (tensor parallel, no sharded contractions).
+    teacher, tokenizer = build_model(_spec(config, run_dir, "teacher"), mesh, SAMPLING_RULES)
+    student, _ = build_model(_spec(config, run_dir, "student"), mesh, SAMPLING_RULES)
     questions = _read_questions(_questions_file(config, run_dir), config.data.limit, config.data.question_fields)
     summary = {}
     for run in policy_runs(config):
@@ -203,7 +205,7 @@ def run_eval_stage(config: Any, run_dir: Path, mesh: Mesh) -> dict[str, Any]:
     results = {}
     with GradingPool(num_workers=eval_config.grading_workers, item_timeout=eval_config.item_timeout) as pool:
         for name, spec in candidates.items():
-            model, tokenizer = build_model(spec, mesh)
+            model, tokenizer = build_model(spec, mesh, SAMPLING_RULES)
             folder = run_dir / "eval" / re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_")
             results[name] = evaluate(model, tokenizer, folder, eval_config, progress=True, pool=pool)
     return {name: {b: s["avg@k"] for b, s in r.items()} for name, r in results.items()}

@@ -21,9 +21,10 @@ from motab_jax.eval.benchmarks import BENCHMARKS
 from motab_jax.models.config import ModelConfig, config_from_hf
 from motab_jax.models.factory import init_fields, make_tokenizer, validate_model_spec
 from motab_jax.models.sharding import MeshConfig
-from motab_jax.motab.synthesize import DEFAULTS as SYNTHESIS_DEFAULTS
-from motab_jax.motab.synthesize import synthesis_problems
-from motab_jax.pipeline.memory import available_memory, format_bytes, memory_breakdown, memory_hint
+from motab_jax.motab.config import DEFAULTS as SYNTHESIS_DEFAULTS
+from motab_jax.motab.config import synthesis_problems
+from motab_jax.pipeline.memory import (available_memory, format_bytes, generation_pools, memory_breakdown,
+                                      memory_hint)
 from motab_jax.pipeline.policy_runs import policy_runs
 from motab_jax.train.losses import LOSSES
 from motab_jax.train.optimizer import optimizer_problems
@@ -255,17 +256,32 @@ def preflight(config: Any) -> list[str]:
     if vocab and config.eval.get("top_k", 0) > vocab:
         problems.append(f"eval.top_k={config.eval.top_k}: must be <= the vocabulary ({vocab} ids)")
     if teacher.config is not None and student.config is not None:
-        breakdown = memory_breakdown(config, teacher.config, student.config)
         have = float(config.synthesis.memory_budget_gb) * 2**30 or available_memory()
-        summary = ", ".join(f"{k} {format_bytes(sum(v.values()))}" for k, v in breakdown.items())
-        log.info("preflight: memory estimate (parameters, caches, optimizer state, activations): %s; available %s "
-                 "over %d device(s)", summary, format_bytes(have), jax.device_count())
-        for stage, parts in breakdown.items():
-            total = sum(parts.values())
-            if stage in stages and have and total > have:
-                arithmetic = " + ".join(f"{name}: {format_bytes(value)}" for name, value in parts.items())
-                problems.append(
-                    f"memory: stage {stage} needs at least {format_bytes(total)} ({arithmetic} = {format_bytes(total)}) but "
-                    f"{format_bytes(have)} are available over {jax.device_count()} device(s); use more devices, "
-                    f"{memory_hint(config, stage, parts)}")
+        problems += memory_problems(config, teacher.config, student.config, stages, have)
+    return problems
+
+
+def memory_problems(config: Any, teacher: ModelConfig, student: ModelConfig, stages: list[str],
+                    have: float) -> list[str]:
+    """Stages whose least workable peak exceeds `have` bytes (over all devices), with the arithmetic; logs the
+    estimate and the KV page pools synthesis and evaluation would get."""
+    devices = jax.device_count()
+    breakdown = memory_breakdown(config, teacher, student)
+    summary = ", ".join(f"{k} {format_bytes(sum(v.values()))}" for k, v in breakdown.items())
+    log.info("preflight: memory estimate (parameters, caches, optimizer state, activations): %s; available %s over "
+             "%d device(s)", summary, format_bytes(have), devices)
+    where = (f"memory_budget_gb={config.synthesis.memory_budget_gb:g}" if config.synthesis.memory_budget_gb
+             else f"{devices} device(s)")
+    for stage, pool in generation_pools(config, teacher, student, (have, where)).items():
+        if stage in stages and pool.num_pages >= pool.min_pages:
+            log.info("preflight: %s: %s", stage, pool.describe())
+    problems = []
+    for stage, parts in breakdown.items():
+        total = sum(parts.values())
+        if stage in stages and have and total > have:
+            arithmetic = " + ".join(f"{name}: {format_bytes(value)}" for name, value in parts.items())
+            problems.append(
+                f"memory: stage {stage} needs at least {format_bytes(total)} ({arithmetic} = {format_bytes(total)}) but "
+                f"{format_bytes(have)} are available over {devices} device(s); use more devices, "
+                f"{memory_hint(config, stage, parts)}")
     return problems

@@ -9,7 +9,6 @@ from tqdm.auto import tqdm
 
 from motab_jax.models.transformer import Decoder
 from motab_jax.sampling.rules import make_rule
-from motab_jax.sampling.sampler import BatchResult, sample_batch
 
 Prompt = str | Sequence[int] | Sequence[dict[str, str]]
 
@@ -37,20 +36,13 @@ def encode_prompt(tokenizer: Any, prompt: Prompt, chat_template: bool) -> list[i
     return [int(t) for t in items]
 
 
-def batch_completions(result: BatchResult, tokenizer: Any, rows: int, *,
-                      with_logprobs: bool = False) -> list[Completion]:
-    """The first `rows` rows of a sampled batch as completions (the rest of the batch is padding)."""
-    out = []
-    for r in range(rows):
-        count = int(result.num_generated[r])
-        ids = result.tokens[r, :count].tolist()
-        stopped = bool(result.hit_stop[r])
-        text_ids = ids[:-1] if stopped else ids
-        out.append(Completion(
-            text=tokenizer.decode(text_ids, skip_special_tokens=True) if tokenizer is not None else "",
-            token_ids=ids, finish_reason="stop" if stopped else "length",
-            logprobs=result.logprobs[r, :count].tolist() if with_logprobs else None))
-    return out
+def completion(tokens: Sequence[int], logprobs: Sequence[float] | None, hit_stop: bool, tokenizer: Any) -> Completion:
+    """A completion from generated ids (the stop token last when `hit_stop`)."""
+    ids = [int(t) for t in tokens]
+    text_ids = ids[:-1] if hit_stop else ids
+    return Completion(text=tokenizer.decode(text_ids, skip_special_tokens=True) if tokenizer is not None else "",
+                      token_ids=ids, finish_reason="stop" if hit_stop else "length",
+                      logprobs=[float(x) for x in logprobs] if logprobs is not None else None)
 
 
 def default_stop_tokens(model: Decoder, tokenizer: Any) -> list[int]:
@@ -67,25 +59,28 @@ def generate(model: Decoder, tokenizer: Any, prompts: Sequence[Prompt], *, n: in
     """Sample `n` completions of each prompt; returns one list of `n` completions per prompt.
 
     Prompts are strings (raw text, or a user message when `chat_template`), chat message lists (always
-    rendered with the tokenizer's chat template and a generation prompt) or token-id lists. Sample j of
-    prompt i is seeded by (seed, i * n + j), so results do not depend on `batch_size`. Temperature 0 is
+    rendered with the tokenizer's chat template and a generation prompt) or token-id lists. Rows run on the
+    slot engine with continuous batching over `batch_size` slots (a finished row is replaced at once). Sample j
+    of prompt i is seeded by (seed, i * n + j), so results do not depend on `batch_size`. Temperature 0 is
     greedy decoding; `top_k` = 0 and `top_p` = 1 disable truncation.
     """
+    from motab_jax.motab.generation import GenerationConfig, generate_rows  # the engine imports this module
+
     if n < 1:
         raise ValueError(f"n={n} must be >= 1")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be >= 1")
     rule = make_rule(temperature, top_p, top_k)
     stops = list(stop_tokens) if stop_tokens is not None else default_stop_tokens(model, tokenizer)
     encoded = [encode_prompt(tokenizer, p, chat_template) for p in prompts]
     rows = [(i, j) for i in range(len(encoded)) for j in range(n)]
-    batch = min(batch_size, len(rows))
-    results: list[list[Completion]] = [[] for _ in encoded]
-    for start in tqdm(range(0, len(rows), batch), desc="generate", unit="batch", disable=not progress):
-        chunk = rows[start:start + batch]
-        out = sample_batch(model, [encoded[i] for i, _ in chunk], [i * n + j for i, j in chunk], rule=rule,
-                           max_new_tokens=max_new_tokens, stop_tokens=stops, seed=seed, batch_size=batch)
-        for (i, _), completion in zip(chunk, batch_completions(out, tokenizer, len(chunk),
-                                                                with_logprobs=return_logprobs)):
-            results[i].append(completion)
-    return results
+    results: list[list[Completion | None]] = [[None] * n for _ in encoded]
+    stream = generate_rows(model, [encoded[i] for i, _ in rows], [i * n + j for i, j in rows], rule=rule,
+                           max_new_tokens=max_new_tokens, stop_tokens=stops, seed=seed,
+                           config=GenerationConfig(num_slots=batch_size))
+    for index, row in tqdm(stream, total=len(rows), desc="generate", unit="row", disable=not progress):
+        i, j = rows[index]
+        results[i][j] = completion(row.tokens, row.logprobs if return_logprobs else None, row.hit_stop, tokenizer)
+    return results  # type: ignore[return-value]

@@ -15,7 +15,9 @@ import numpy as np
 
 from motab_jax.models.transformer import Decoder
 from motab_jax.sampling.rules import make_rule
-from motab_jax.sampling.sampler import sample_batch
+from motab_jax.models.loading import resharded
+from motab_jax.models.sharding import SAMPLING_RULES
+from motab_jax.motab.generation import GenerationConfig, generate_rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,10 +80,12 @@ class RolloutSource:
                 local = np.array_split(chosen, jax.process_count())[jax.process_index()]
                 prompts = [self.prompts[i] for i in local for _ in range(c.samples_per_prompt)]
                 row_ids = [int(i) * c.samples_per_prompt + j for i in local for j in range(c.samples_per_prompt)]
-                out = sample_batch(self.student, prompts, row_ids, rule=self.rule, max_new_tokens=c.max_new_tokens,
-                                   stop_tokens=self.stop_tokens, seed=c.seed * 1_000_003 + step)
-                rows = [rollout_rows(p, out.tokens[r, :int(out.num_generated[r])], c.seq_len)
-                        for r, p in enumerate(prompts)]
+                # Rollouts decode with the sampling placement (tensor parallel), not the training one.
+                completions = dict(generate_rows(
+                    resharded(self.student, SAMPLING_RULES), prompts, row_ids, rule=self.rule, max_new_tokens=c.max_new_tokens,
+                    stop_tokens=self.stop_tokens, seed=c.seed * 1_000_003 + step,
+                    config=GenerationConfig(num_slots=len(prompts))))
+                rows = [rollout_rows(p, completions[r].tokens, c.seq_len) for r, p in enumerate(prompts)]
                 self.index += 1
                 yield {k: np.stack([row[k] for row in rows]) for k in rows[0]}
             self.epoch, self.index = self.epoch + 1, 0
