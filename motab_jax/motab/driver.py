@@ -22,10 +22,10 @@ from jax.sharding import NamedSharding, PartitionSpec
 from motab_jax.models.paged_cache import PageAllocator, PagedKVCache
 from motab_jax.models.sharding import SAMPLING_RULES
 from motab_jax.models.transformer import Decoder
-from motab_jax.motab.engine import EngineSpec, release_slots, run_iterations, start_slots
+from motab_jax.motab.engine import EngineSpec, read_rows, release_slots, run_iterations, start_slots
 from motab_jax.motab.pool import PoolPlan
 from motab_jax.motab.scheduler import Scheduler
-from motab_jax.motab.state import CACHE_FIELDS, RECORD_FIELDS, EngineState, empty_state
+from motab_jax.motab.state import CACHE_FIELDS, EngineState, empty_state
 from motab_jax.motab.transition import EngineTables
 from motab_jax.sampling.sampler import bucket
 
@@ -125,8 +125,9 @@ def run_engine(spec: EngineSpec, student: Decoder, teacher: Decoder, tables: Eng
             if stats.preemptions:
                 log.info("engine (%s): %d preemption(s) in all", spec.policy.name, stats.preemptions)
             return
+        # With nothing queued a finished slot cannot be refilled: run on until every slot is done.
         state, count = run_iterations(spec, student_def, teacher_def, student_params, teacher_params, tables, state,
-                                      jnp.asarray(iterations_per_sync, jnp.int32))
+                                      jnp.asarray(iterations_per_sync, jnp.int32), jnp.asarray(bool(scheduler.queue)))
         finished, ctx_len, dropped = jax.device_get(
             (state.finished, state.ctx_len, state.student_cache.dropped.sum() + state.teacher_cache.dropped.sum()))
         stats.syncs, stats.iterations = stats.syncs + 1, stats.iterations + int(count)
@@ -136,8 +137,7 @@ def run_engine(spec: EngineSpec, student: Decoder, teacher: Decoder, tables: Eng
         ctx_len = np.asarray(ctx_len, np.int64)
         done = np.flatnonzero(finished)
         if done.size:
-            index = jnp.asarray(done)
-            rows = jax.device_get({name: getattr(state, name)[index] for name in RECORD_FIELDS})
+            rows = jax.device_get(read_rows(state, jnp.asarray(done)))
             for n, slot in enumerate(done):
                 job = scheduler.finish(int(slot))
                 yield job, {name: values[n] for name, values in rows.items()}

@@ -28,7 +28,16 @@ from flax import nnx
 from motab_jax.models.paged_cache import PagedKVCache
 from motab_jax.motab.acceptance import accept_drafts
 from motab_jax.motab.policies import Policy
-from motab_jax.motab.state import EXPLORE, SRC_STUDENT, SRC_TEACHER, TEACHER, EngineState, set_slots, start_values
+from motab_jax.motab.state import (
+    EXPLORE,
+    RECORD_FIELDS,
+    SRC_STUDENT,
+    SRC_TEACHER,
+    TEACHER,
+    EngineState,
+    set_slots,
+    start_values,
+)
 from motab_jax.motab.transition import EngineTables, apply_tokens
 from motab_jax.sampling.rules import Greedy, Rule
 
@@ -187,13 +196,15 @@ def iteration(spec: EngineSpec, student, teacher, tables: EngineTables, s: Engin
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(6,))
 def run_iterations(spec: EngineSpec, student_def: Any, teacher_def: Any, student_params: Any, teacher_params: Any,
-                   tables: EngineTables, s: EngineState, max_iterations: jax.Array) -> tuple[EngineState, jax.Array]:
-    """Iterate until a slot finishes, no slot is live, or `max_iterations` ran. Returns (state, iterations)."""
+                   tables: EngineTables, s: EngineState, max_iterations: jax.Array,
+                   stop_on_finish: jax.Array) -> tuple[EngineState, jax.Array]:
+    """Iterate until no slot is live, `max_iterations` ran, or (with `stop_on_finish`, when the host has work to
+    put in a freed slot) a slot finishes. Returns (state, iterations)."""
     student, teacher = nnx.merge(student_def, student_params), nnx.merge(teacher_def, teacher_params)
 
     def cond(carry):
         i, st = carry
-        return (i < max_iterations) & jnp.any(st.live) & ~jnp.any(st.finished)
+        return (i < max_iterations) & jnp.any(st.live) & ~(stop_on_finish & jnp.any(st.finished))
 
     def body(carry):
         i, st = carry
@@ -201,6 +212,12 @@ def run_iterations(spec: EngineSpec, student_def: Any, teacher_def: Any, student
 
     count, s = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), s))
     return s, count
+
+
+@jax.jit
+def read_rows(s: EngineState, slots: jax.Array) -> dict[str, jax.Array]:
+    """The rows of `slots` [n] of every array a finished slot's record is built from (one transfer's worth)."""
+    return {name: getattr(s, name)[slots] for name in RECORD_FIELDS}
 
 
 @functools.partial(jax.jit, donate_argnums=(0,))
