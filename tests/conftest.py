@@ -12,3 +12,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop JAX's compiled programs after each test module: one pytest process compiles thousands of programs,
+    and each keeps memory mappings of its machine code; without this a full run can exhaust the process's
+    mappings (vm.max_map_count) and crash inside the XLA compiler."""
+    yield
+    jax.clear_caches()

@@ -35,13 +35,13 @@ def _token_view(records):
              r["interventions"], r["tokens"], r["speculative"], r["teacher_forwards"]) for r in records]
 
 
-# Greedy runs of every policy and sampled MOTAB and teacher-only (speculative) in the fast set; the other sampled
-# runs (the same code paths with other keys) are marked slow.
-FAST_SAMPLED = ("motab@0.8", "teacher_only@0.8")
+# In the fast set: MOTAB and teacher-only (speculative) greedy and sampled, SKD step-level and student-only greedy;
+# the ablations and SKD token-level (also checked against the step-by-step reference in test_motab_engine.py)
+# and the other sampled runs are marked slow.
+FAST = ("motab@0.0", "motab@0.8", "teacher_only@0.0", "teacher_only@0.8", "skd_step@0.0", "student_only@0.0")
 
 
-@pytest.mark.parametrize("key", [pytest.param(k, marks=pytest.mark.slow)
-                                 if k.endswith("@0.8") and k not in FAST_SAMPLED else k for k in sorted(DENSE)])
+@pytest.mark.parametrize("key", [k if k in FAST else pytest.param(k, marks=pytest.mark.slow) for k in sorted(DENSE)])
 def test_records_equal_the_dense_engine(key):
     policy, temperature = key.split("@")
     student, teacher, tok = _models()

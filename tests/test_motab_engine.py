@@ -199,6 +199,7 @@ def test_delimiter_tables_on_real_qwen_vocabulary():
     assert done
 
 
+@pytest.mark.slow  # 2 x 2048 trajectories; accept_drafts' distribution is tested fast in test_scheduler.py
 def test_speculative_teacher_sampling_has_the_teacher_distribution():
     """teacher_only at temperature 1 goes through draft + rejection sampling; its first two tokens must
     follow the teacher's own distribution (chi-square), with greedy and with sampled student drafts."""
