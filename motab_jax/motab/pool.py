@@ -31,26 +31,33 @@ def pages_for(tokens: int, page_size: int) -> int:
     return -(-tokens // page_size)
 
 
-def device_memory(free: bool = False) -> tuple[float, str]:
-    """(bytes over all devices, what they are): the accelerators' memory (with `free`, what is not in use now,
-    e.g. by a training state), or on CPU a quarter of the host RAM."""
+def memory_over_devices(free: bool = False) -> tuple[float, bool]:
+    """(bytes, on accelerators): the accelerators' memory summed over devices (with `free`, less what is in use
+    now, e.g. by a training state), or, on CPU, the host's RAM; 0 when unknown."""
     stats = jax.devices()[0].memory_stats() or {}
     if stats.get("bytes_limit"):
         per_device = stats["bytes_limit"] - (stats.get("bytes_in_use", 0) if free else 0)
-        return float(per_device) * jax.device_count(), f"{jax.device_count()} device(s)" + (" free" if free else "")
+        return float(per_device) * jax.device_count(), True
     try:
-        ram = float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+        return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")), False
     except (ValueError, OSError, AttributeError):
-        ram = 0.0
-    return HOST_FRACTION * ram, f"a quarter of the host RAM ({ram / GIB:.1f} GiB)"
+        return 0.0, False
+
+
+def device_memory(free: bool = False) -> tuple[float, str]:
+    """(bytes, what they are) the pools may be sized from by default: the accelerators' memory (see
+    `memory_over_devices`), or on CPU a quarter of the host RAM."""
+    total, accelerators = memory_over_devices(free)
+    if accelerators:
+        return total, f"{jax.device_count()} device(s)" + (" free" if free else "")
+    return HOST_FRACTION * total, f"a quarter of the host RAM ({total / GIB:.1f} GiB)"
 
 
 def loaded_budget(weight_bytes: float) -> tuple[float, str]:
     """The memory a job whose weights (`weight_bytes`) are already on the devices may size its pools from: what
-    is free now plus those weights (which `plan_pool` then takes off again)."""
-    stats = jax.devices()[0].memory_stats() or {}
+    is free now plus those weights (which `plan_pool` then takes off again); on CPU as `device_memory`."""
     total, what = device_memory(free=True)
-    return (total + weight_bytes if stats.get("bytes_limit") else total), what
+    return (total + weight_bytes if memory_over_devices()[1] else total), what
 
 
 def activation_margin(num_slots: int, tokens_per_iteration: int, vocab: int) -> float:

@@ -3,13 +3,12 @@ state, activations), from the models' configs and the run configuration alone (n
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import jax
 
 from motab_jax.models.config import ModelConfig
-from motab_jax.motab.pool import PoolPlan, plan_pool
+from motab_jax.motab.pool import PoolPlan, memory_over_devices, plan_pool
 from motab_jax.motab.synthesize import kv_token_bytes, synthesis_pool
 from motab_jax.sampling.sampler import bucket
 
@@ -232,13 +231,7 @@ def format_bytes(num_bytes: float) -> str:
 
 def available_memory() -> float:
     """Bytes of accelerator memory over all devices; on CPU the host's RAM; 0 when unknown."""
-    stats = jax.devices()[0].memory_stats() or {}
-    if stats.get("bytes_limit"):
-        return float(stats["bytes_limit"]) * jax.device_count()
-    try:
-        return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-    except (ValueError, OSError, AttributeError):
-        return 0.0
+    return memory_over_devices()[0]
 
 
 def memory_hint(config: Any, stage: str, parts: dict[str, float]) -> str:
