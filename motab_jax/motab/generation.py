@@ -23,7 +23,7 @@ from motab_jax.motab.state import FINISH_EOS
 from motab_jax.motab.synthesize import kv_token_bytes, weight_bytes
 from motab_jax.motab.transition import EngineTables
 from motab_jax.sampling.rules import Rule
-from motab_jax.sampling.sampler import bucket
+from motab_jax.sampling.sampler import checked_prompt_width
 
 # Tokens a slot samples per device iteration (the student's k-token draft loop, nothing to verify).
 TOKENS_PER_ITERATION = 8
@@ -56,14 +56,8 @@ def generate_rows(model: Decoder, prompts: Sequence[Sequence[int]], row_ids: Seq
     if not prompts:
         return
     lengths = [len(p) for p in prompts]
-    if min(lengths) == 0:
-        raise ValueError(f"prompt {lengths.index(0)} is empty: every prompt needs at least one token")
     k = TOKENS_PER_ITERATION
-    max_len = bucket(max(lengths)) + max_new_tokens + k + 2
-    if bucket(max(lengths)) + max_new_tokens > model.config.max_position_embeddings:
-        raise ValueError(f"prompt ({max(lengths)} tokens, padded to {bucket(max(lengths))}) + max_new_tokens "
-                         f"({max_new_tokens}) exceed the model's max_position_embeddings "
-                         f"({model.config.max_position_embeddings}); shorten the prompt or lower max_new_tokens")
+    max_len = checked_prompt_width(model, lengths, max_new_tokens) + max_new_tokens + k + 2
     spec = EngineSpec(policy=Plain(), student_rule=rule, teacher_rule=rule, draft_rule=rule, draft_len=k,
                       entropy_top_k=1, step_cap=max_new_tokens, traj_cap=max_new_tokens, teacher_min_budget=1,
                       max_steps=1)

@@ -90,6 +90,19 @@ def bucket(length: int, multiple: int = 64) -> int:
     return max(multiple, -(-length // multiple) * multiple)
 
 
+def checked_prompt_width(model: Decoder, lengths: Sequence[int], max_new_tokens: int) -> int:
+    """The bucketed width of prompts of `lengths`; raises when one is empty or a row would pass the model's
+    positions."""
+    if min(lengths) == 0:
+        raise ValueError(f"prompt {list(lengths).index(0)} is empty: every prompt needs at least one token")
+    width = bucket(max(lengths))
+    if width + max_new_tokens > model.config.max_position_embeddings:
+        raise ValueError(f"prompt ({max(lengths)} tokens, padded to {width}) + max_new_tokens "
+                         f"({max_new_tokens}) exceed the model's max_position_embeddings "
+                         f"({model.config.max_position_embeddings}); shorten the prompt or lower max_new_tokens")
+    return width
+
+
 @dataclasses.dataclass
 class BatchResult:
     tokens: np.ndarray  # [B, max_new] int32
@@ -108,13 +121,7 @@ def sample_batch(model: Decoder, prompts: Sequence[Sequence[int]], row_ids: Sequ
     if len(prompts) > batch:
         raise ValueError(f"{len(prompts)} prompts do not fit a batch of {batch}")
     lengths = [len(p) for p in prompts]
-    if min(lengths) == 0:
-        raise ValueError(f"prompt {lengths.index(0)} is empty: every prompt needs at least one token")
-    prompt_len = bucket(max(lengths))
-    if prompt_len + max_new_tokens > model.config.max_position_embeddings:
-        raise ValueError(f"prompt ({max(lengths)} tokens, padded to {prompt_len}) + max_new_tokens "
-                         f"({max_new_tokens}) exceed the model's max_position_embeddings "
-                         f"({model.config.max_position_embeddings}); shorten the prompt or lower max_new_tokens")
+    prompt_len = checked_prompt_width(model, lengths, max_new_tokens)
     tokens = np.full((batch, prompt_len), PAD_ID, np.int32)
     for i, prompt in enumerate(prompts):
         tokens[i, :len(prompt)] = prompt
