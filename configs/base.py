@@ -53,8 +53,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.teacher = model_spec()
     config.student = model_spec()
 
-    # Device mesh: axis sizes, -1 = all remaining devices. Parameters are sharded over fsdp (embedding dim)
-    # and tensor (heads / mlp / vocab); batches over data x fsdp.
+    # Device mesh: axis sizes, -1 = all remaining devices. Training: parameters sharded over fsdp (embedding dim)
+    # and tensor (heads / mlp / vocab), batches over data x fsdp. Decoding stages (synthesize, eval, KD rollouts):
+    # one engine group per data index, each with a copy of the weights split over its fsdp x tensor devices
+    # (tensor parallel) and its own slots and KV page pools.
     config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     # Multi-host: set on every host (TPU pods and SLURM clusters are detected automatically when
     # num_processes is 0).
@@ -75,8 +77,8 @@ def get_config() -> ml_collections.ConfigDict:
     # Synthesis (spec section 3): the fields of motab_jax/motab/config.py:SynthesisConfig, where each knob's
     # default, accepted range and meaning are declared. `policy` is used when `policies` is empty; run.py sets
     # output_path itself (run_dir/synthesis_<policy>.jsonl). The KV cache is paged: page_size positions per
-    # page, num_pages pages per model's pool (0 = sized from the devices' memory), paged_impl the attention
-    # kernel (auto | reference | pallas_gpu | pallas_tpu).
+    # page, num_pages pages per model's pool in each engine group (0 = sized from the devices' memory), num_slots
+    # over all engine groups, paged_impl the attention kernel (auto | reference | pallas_gpu | pallas_tpu).
     config.synthesis = ml_collections.ConfigDict(dict(SYNTHESIS_DEFAULTS))
 
     # SFT (spec section 5, the paper's recipe).

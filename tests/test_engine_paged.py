@@ -14,10 +14,12 @@ import pytest
 import motab_jax
 from fixtures.make_golden import GOLDEN_DIR
 from motab_jax.models.config import ModelConfig
+from motab_jax.models.loading import resharded
 from motab_jax.models.sharding import DEFAULT_RULES, SAMPLING_RULES, MeshConfig, make_mesh
 from motab_jax.motab.driver import EngineStats
 from motab_jax.motab.generation import GenerationConfig, generate_rows
-from motab_jax.motab.synthesize import cache_length
+from motab_jax.motab.config import resolve_config
+from motab_jax.motab.synthesize import cache_length, synthesis_pool
 from motab_jax.pipeline.memory import generation_pools
 from motab_jax.pipeline.validation import memory_problems
 from motab_jax.sampling import make_rule, sample_batch
@@ -115,21 +117,43 @@ def test_decoding_stages_shard_weights_and_pools_over_the_mesh_and_results_equal
     sampled, tok = motab_jax.load(GOLDEN_DIR / "qwen3_untied", dtype="float32", mesh=mesh, rules=SAMPLING_RULES)
     trained, _ = motab_jax.load(GOLDEN_DIR / "qwen3_untied", dtype="float32", mesh=mesh, rules=DEFAULT_RULES)
     plain, _ = motab_jax.load(GOLDEN_DIR / "qwen3_untied", dtype="float32")
-    # Generation: heads split (tensor parallel), the contracted embedding dimension never split.
+    # Generation: heads split within a group of fsdp x tensor devices (tensor parallel), the contracted embedding
+    # dimension never split; the weights are replicated over data (one copy per engine group).
     spec = sampled.layers.wq[...].sharding.spec
     assert spec[1] is None and spec[2] == ("tensor", "fsdp")  # 4 heads over 2 x 2 devices
-    assert tuple(sampled.layers.w_up[...].sharding.spec) == (None, None, ("tensor", "fsdp", "data"))
+    assert tuple(sampled.layers.w_up[...].sharding.spec) == (None, None, ("tensor", "fsdp"))
     assert trained.layers.wq[...].sharding.spec[1] == "fsdp"  # training keeps ZeRO-3 sharding of the embedding
     prompts = [tok(q["problem"])["input_ids"] for q in _questions()]
-    rule = make_rule(0.0)
+    rule = make_rule(0.8)
     stats = EngineStats()
     sharded = dict(generate_rows(sampled, prompts, list(range(6)), rule=rule, max_new_tokens=20, stop_tokens=[EOS],
-                                 seed=0, config=GenerationConfig(num_slots=4), stats=stats))
+                                 seed=0, config=GenerationConfig(num_slots=3), stats=stats))
     single = dict(generate_rows(plain, prompts, list(range(6)), rule=rule, max_new_tokens=20, stop_tokens=[EOS],
-                                seed=0, config=GenerationConfig(num_slots=4)))
+                                seed=0, config=GenerationConfig(num_slots=3)))
     assert {i: r.tokens.tolist() for i, r in sharded.items()} == {i: r.tokens.tolist() for i, r in single.items()}
-    # The page pool is split over KV heads on the mesh, not replicated.
-    assert stats.pool_sharding is not None and stats.pool_sharding[0] == "tensor"
+    # Two engine groups of 2 slots each (3 rounded up); each group's page pool split over its KV heads, the pools
+    # of the groups side by side over data: no page is held twice.
+    assert stats.pool.groups == 2 and stats.pool.num_slots == 4
+    assert tuple(stats.pool_sharding)[:2] == ("tensor", "data")
+
+
+def test_synthesis_over_engine_groups_equals_one_device():
+    """Slots over the mesh's data axis: 2 engine groups of 3 slots (tensor parallel over 2 x 2 devices each), each
+    with the smallest pool that runs, so trajectories are preempted; records equal the one-device run's."""
+    cfg = dict(BASE, policy="motab", delimiter="the", eps0=0.1, theta=1.0, temperature=0.8, teacher_temperature=0.8,
+               samples_per_question=2, seed=5, page_size=4, max_prompt_len=8, iterations_per_sync=1, num_slots=6)
+    student, teacher, tok = _models()
+    single = list(motab_jax.synthesize(student, teacher, tok, _questions(), cfg, progress=False))
+    mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    on_mesh = [resharded(m, SAMPLING_RULES, mesh) for m in (student, teacher)]
+    least = synthesis_pool(resolve_config(cfg), student.config, teacher.config, groups=2).min_pages
+    stats = EngineStats()
+    grouped = list(motab_jax.synthesize(*on_mesh, tok, _questions(), dict(cfg, num_pages=least), progress=False,
+                                        stats=stats))
+    assert stats.pool.groups == 2 and stats.pool.slots_per_group == 3 and stats.preemptions >= 1
+    assert len(grouped) == 12 and len({(r["id"], r["sample_index"]) for r in grouped}) == 12
+    _same_records(grouped, single)
+    assert tuple(stats.pool_sharding)[:2] == ("tensor", "data")
 
 
 GB = 1e9

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -43,6 +45,22 @@ def test_top_up_follows_the_context_and_trims_after_a_rewind():
     assert _held(s)[0] == 5 and s.pools[0].free_pages == 29 - 5
     s.plan(np.asarray([60, 0]))
     assert _held(s)[0] == 16  # capped at max_len
+
+
+def test_engine_groups_admit_from_one_queue_and_a_preempted_job_may_restart_in_another_group():
+    queue = collections.deque()
+    groups = [Scheduler(2, [PageAllocator(9, 4, 2, 16)], 8, 64, queue=queue) for _ in range(2)]  # 8 pages each
+    for job in "abcde":
+        groups[0].submit(job, 4)  # 3 pages at admission
+    started = [[job for _, job in g.plan(np.zeros(2)).started] for g in groups]
+    assert started == [["a", "b"], ["c", "d"]] and list(queue) == [("e", 4)]
+    # Group 0's trajectories grew past its pool: b (its newest) is preempted and requeued at the shared head; group
+    # 1 has room and admits nothing new until a slot frees (both of its slots are busy).
+    plan = groups[0].plan(np.asarray([16, 16]))
+    assert plan.release.tolist() == [False, True] and list(queue) == [("b", 4), ("e", 4)]
+    groups[1].finish(0)
+    assert [job for _, job in groups[1].plan(np.asarray([0, 4])).started] == ["b"]
+    assert list(queue) == [("e", 4)] and groups[0].preemptions == 1 and groups[1].preemptions == 0
 
 
 def test_dry_pool_preempts_the_newest_trajectory_and_requeues_it_first():

@@ -106,6 +106,18 @@ def read_gguf(path: str | os.PathLike) -> GGUFCheckpoint:
     return GGUFCheckpoint(hf_config=hf_config, tensors=tensors, tokenizer=tokenizer)
 
 
+def read_gguf_tokenizer(path: str | os.PathLike) -> Any:
+    """Only the tokenizer of a GGUF file (no tensor is read): a `PreTrainedTokenizerFast`."""
+    import gguf
+
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"GGUF file not found: {str(path)!r}")
+    reader = gguf.GGUFReader(path)
+    return _build_tokenizer(path, {name: field.contents() for name, field in reader.fields.items()
+                                   if name.startswith("tokenizer.")})
+
+
 def convert_gguf_to_hf(path: str | os.PathLike, out_dir: str | os.PathLike) -> pathlib.Path:
     """Write a GGUF model as a Hugging Face checkpoint folder and return that folder.
 

@@ -98,14 +98,14 @@ def param_shardings(cfg: ModelConfig, mesh: Mesh | None, rules: Rules = DEFAULT_
             for name, spec in param_specs(cfg).items()}
 
 
-def resharded(model: Decoder, rules: Rules) -> Decoder:
-    """`model` with its parameters placed by `rules` on the mesh they are on (a copy; the same model off a mesh):
-    e.g. the training student placed for sampling its rollouts."""
+def resharded(model: Decoder, rules: Rules, mesh: Mesh | None = None) -> Decoder:
+    """`model` with its parameters placed by `rules` on `mesh` (default: the mesh they are on; the same model
+    when they are on no mesh and none is given), as a copy: e.g. the training student placed for sampling."""
     values = param_values(model)
     sharding = next(iter(values.values())).sharding
-    if not isinstance(sharding, jax.sharding.NamedSharding):
+    if mesh is None and not isinstance(sharding, jax.sharding.NamedSharding):
         return model
-    shardings = param_shardings(model.config, sharding.mesh, rules)
+    shardings = param_shardings(model.config, mesh if mesh is not None else sharding.mesh, rules)
     copy = abstract_decoder(model.config)
     set_param_values(copy, {name: jax.device_put(v, shardings[name]) for name, v in values.items()})
     return copy

@@ -132,17 +132,19 @@ class PagedKVCache(SequenceLengths):
         return dataclasses.replace(self, page_table=table)
 
     def placed(self, mesh: jax.sharding.Mesh, rules: Mapping[str, Any] | None = None) -> PagedKVCache:
-        """The cache on `mesh`: pools split over KV heads by the sharding rules (default: the training rules),
-        the rest replicated (one pool serves the whole batch, so any sequence's pages are on every device of a
-        tensor group)."""
+        """The cache on `mesh` by the sharding rules (default: the training rules): pools split over KV heads
+        (and, under `SAMPLING_RULES`, over `data` on the pool axis: one contiguous pool per engine group), the
+        page table, lengths and drop counts split like the batch. A rule set that splits the batch must split
+        the pool the same way (the engine's groups run under `shard_map` with group-local page ids)."""
         from motab_jax.models.sharding import DEFAULT_RULES, shard_array
 
+        rules = rules or DEFAULT_RULES
         axes = HEAD_MAJOR_AXES if self.layout == "head_major" else COMBINED_AXES
-        put = lambda a: None if a is None else shard_array(a, mesh, axes, rules or DEFAULT_RULES)
-        rep = lambda a: shard_array(a, mesh, (None,) * a.ndim)
+        put = lambda a: None if a is None else shard_array(a, mesh, axes, rules)
+        per_seq = lambda a: shard_array(a, mesh, ("batch",) + (None,) * (a.ndim - 1), rules)
         return dataclasses.replace(self, k_pages=put(self.k_pages), v_pages=put(self.v_pages),
-                                   page_table=rep(self.page_table), lengths=rep(self.lengths),
-                                   dropped=rep(self.dropped))
+                                   page_table=per_seq(self.page_table), lengths=per_seq(self.lengths),
+                                   dropped=per_seq(self.dropped))
 
     # ------------------------------------------------------------------ device-side access
     def page_slots(self, positions: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:

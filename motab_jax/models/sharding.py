@@ -41,15 +41,20 @@ DEFAULT_RULES: Mapping[str, str | tuple[str, ...] | None] = {
 }
 
 
-# The rules of stages that decode (synthesis, evaluation, rollouts): every weight is split along its heads / mlp /
-# vocabulary dimension over every mesh axis that divides it (tensor parallelism), never along the embedding
-# dimension that most matmuls contract over, so a decode step or a k+1 chunk needs no weight all-gather; the KV
-# page pools split over KV heads the same way. One engine uses all the mesh's devices this way; slots and page
-# tables are replicated (data-parallel engines across hosts are a separate mode).
-_MODEL_PARALLEL = ("tensor", "fsdp", "data")
+# The rules of stages that decode (synthesis, evaluation, rollouts). Within a group of devices (fsdp x tensor)
+# every weight is split along its heads / mlp / vocabulary dimension (tensor parallelism), never along the
+# embedding dimension that most matmuls contract over, so a decode step or a k+1 chunk needs no weight all-gather.
+# Over `data` the weights are replicated and the engine's slots and KV page pools are split: each data index is
+# an engine group with its own slots and its own pool (`motab.driver`), so no KV page is stored twice.
+_MODEL_PARALLEL = ("tensor", "fsdp")
 SAMPLING_RULES: Mapping[str, str | tuple[str, ...] | None] = {
-    **DEFAULT_RULES, "batch": None, "embed": None, "vocab": _MODEL_PARALLEL, "heads": _MODEL_PARALLEL,
-    "kv_heads": _MODEL_PARALLEL, "mlp": _MODEL_PARALLEL}
+    **DEFAULT_RULES, "batch": "data", "cache_pages": "data", "embed": None, "vocab": _MODEL_PARALLEL,
+    "heads": _MODEL_PARALLEL, "kv_heads": _MODEL_PARALLEL, "mlp": _MODEL_PARALLEL}
+
+
+def data_groups(mesh: Mesh | None) -> int:
+    """Engine groups a decoding stage runs on `mesh`: its `data` axis size (1 without a mesh)."""
+    return 1 if mesh is None else int(mesh.shape.get("data", 1))
 
 
 @dataclasses.dataclass(frozen=True)

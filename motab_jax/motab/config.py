@@ -52,7 +52,8 @@ class SynthesisConfig:
     entropy_top_k: int = knob(20, rule=_POSITIVE, ok=_integer(1), overridable=True,
                               doc="top-k logits the step entropy is computed over")
     draft_len: int = knob(8, rule=_POSITIVE, ok=_integer(1), doc="student tokens drafted per verify chunk")
-    num_slots: int = knob(8, rule=_POSITIVE, ok=_integer(1), doc="trajectories decoded at once")
+    num_slots: int = knob(8, rule=_POSITIVE, ok=_integer(1), doc="trajectories decoded at once, over all engine groups (mesh.data; "
+                                                                  "rounded up to a multiple of it)")
     step_cap: int = knob(8192, rule=_POSITIVE, ok=_integer(1), doc="most tokens in one reasoning step")
     traj_cap: int = knob(32768, rule=_POSITIVE, ok=_integer(1), doc="most tokens in one trajectory")
     teacher_min_budget: int = knob(256, rule=_POSITIVE, ok=_integer(1),
@@ -85,7 +86,7 @@ class SynthesisConfig:
                                        "weights leave (0 = the devices' memory; on CPU a quarter of the RAM)")
     page_size: int = knob(16, rule=_POSITIVE, ok=_integer(1), doc="positions per KV-cache page")
     num_pages: int = knob(0, rule="an integer >= 0 (0 = sized from the devices' memory)", ok=_integer(0),
-                          doc="pages per model's KV page pool")
+                          doc="pages per model's KV page pool in each engine group")
     paged_impl: str = knob("auto", rule="one of " + ", ".join(map(repr, PAGED_IMPLS)),
                            ok=lambda v: v in PAGED_IMPLS, doc="paged attention kernel")
     extra_stop_tokens: tuple[int, ...] = knob((), doc="token ids that also end a trajectory")

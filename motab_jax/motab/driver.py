@@ -9,6 +9,7 @@ evaluation, on-policy rollouts and `generate` all run through it.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 from typing import Any, Iterator, Sequence
@@ -17,10 +18,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from motab_jax.models.paged_cache import PageAllocator, PagedKVCache
-from motab_jax.models.sharding import SAMPLING_RULES
+from motab_jax.models.sharding import SAMPLING_RULES, data_groups
 from motab_jax.models.transformer import Decoder
 from motab_jax.motab.engine import EngineSpec, read_rows, release_slots, run_iterations, start_slots
 from motab_jax.motab.pool import PoolPlan
@@ -59,23 +60,72 @@ def _pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-def _placed(state: EngineState, mesh: jax.sharding.Mesh | None) -> EngineState:
-    """On a mesh: page pools split over KV heads by the sampling rules, the small per-slot arrays replicated."""
+def _placed(state: EngineState, mesh: Mesh | None) -> EngineState:
+    """On a mesh: split by the sampling rules (page pools over KV heads within a group; slots, page tables and
+    pools over `data`, one engine group per data index)."""
     if mesh is None:
         return state
     rest = dataclasses.replace(state, student_cache=None, teacher_cache=None)
-    rest = jax.device_put(rest, NamedSharding(mesh, PartitionSpec()))
+    rest = jax.device_put(rest, NamedSharding(mesh, PartitionSpec("data")))
     return dataclasses.replace(rest, **{name: getattr(state, name).placed(mesh, SAMPLING_RULES)
                                         for name in CACHE_FIELDS})
 
 
-def _mesh_of(params: Any) -> jax.sharding.Mesh | None:
+def _mesh_of(params: Any) -> Mesh | None:
     sharding = jax.tree.leaves(params)[0].sharding
     return sharding.mesh if isinstance(sharding, NamedSharding) else None
 
 
+def engine_groups(model: Decoder) -> int:
+    """Engine groups the engine runs `model` in: the data axis of its parameters' mesh (1 on one device)."""
+    return data_groups(_mesh_of(nnx.state(model, nnx.Param)))
+
+
 def _commit(cache: PagedKVCache, table: np.ndarray) -> PagedKVCache:
     return dataclasses.replace(cache, page_table=jax.device_put(table, cache.page_table.sharding))
+
+
+class _Groups:
+    """The host side of G engine groups: one scheduler per group (its slots and page allocators, group-local
+    slot and page ids) over one shared queue; global slot g * slots_per_group + local."""
+
+    def __init__(self, pool: PoolPlan, pools: int, pages_per_seq: int, growth: int):
+        self.size = pool.slots_per_group
+        queue: collections.deque = collections.deque()
+        self.allocators = [[PageAllocator(pool.num_pages, pool.page_size, self.size, pages_per_seq)
+                            for _ in range(pools)] for _ in range(pool.groups)]
+        self.schedulers: list[Scheduler[Job]] = [Scheduler(self.size, a, growth, pool.max_len, queue=queue)
+                                                 for a in self.allocators]
+
+    def submit(self, job: Job) -> None:
+        self.schedulers[0].submit(job, len(job.prompt))
+
+    def plan(self, ctx_len: np.ndarray) -> tuple[list[tuple[int, Job]], np.ndarray]:
+        """(started (global slot, job), release [B]) over every group, group 0 first."""
+        started, release = [], []
+        for g, scheduler in enumerate(self.schedulers):
+            plan = scheduler.plan(ctx_len[g * self.size:(g + 1) * self.size])
+            started += [(g * self.size + slot, job) for slot, job in plan.started]
+            release.append(plan.release)
+        return started, np.concatenate(release)
+
+    def table(self, pool: int) -> np.ndarray:
+        return np.concatenate([a[pool].table for a in self.allocators])
+
+    def finish(self, slot: int) -> Job:
+        return self.schedulers[slot // self.size].finish(slot % self.size)
+
+    @property
+    def queued(self) -> bool:
+        return bool(self.schedulers[0].queue)
+
+    @property
+    def idle(self) -> bool:
+        return all(s.idle for s in self.schedulers)
+
+    @property
+    def preemptions(self) -> int:
+        return sum(s.preemptions for s in self.schedulers)
 
 
 def run_engine(spec: EngineSpec, student: Decoder, teacher: Decoder, tables: EngineTables, jobs: Sequence[Job], *,
@@ -88,46 +138,50 @@ def run_engine(spec: EngineSpec, student: Decoder, teacher: Decoder, tables: Eng
     b, page = pool.num_slots, pool.page_size
     student_def, student_params = nnx.split(student)
     teacher_def, teacher_params = nnx.split(teacher)
-    student_cache = student.init_paged_cache(b, pool.max_len, page_size=page, num_pages=pool.num_pages,
-                                             impl=paged_impl)
-    # A policy without the teacher gets a token teacher pool: the null page and one more.
-    teacher_cache = (teacher.init_paged_cache(b, pool.max_len, page_size=page, num_pages=pool.num_pages,
-                                              impl=paged_impl) if spec.uses_teacher
-                     else teacher.init_paged_cache(b, page, page_size=page, num_pages=2, impl=paged_impl))
-    allocators = [PageAllocator.for_cache(student_cache)] + ([PageAllocator.for_cache(teacher_cache)]
-                                                              if spec.uses_teacher else [])
-    state = _placed(empty_state(b, spec.out_cap, spec.max_steps, student_cache, teacher_cache), _mesh_of(student_params))
+    mesh = _mesh_of(student_params)
+    if data_groups(mesh) != pool.groups:
+        raise ValueError(f"the pool plan has {pool.groups} engine group(s) but the models' mesh has a data axis of "
+                         f"{data_groups(mesh)}: plan the pool with groups=data_groups(mesh)")
+    groups = mesh if pool.groups > 1 else None
+    # The caches hold every group's pool back to back; inside the loop each group sees its own (shard_map).
+    num_pages = pool.groups * pool.num_pages
+    student_cache = student.init_paged_cache(b, pool.max_len, page_size=page, num_pages=num_pages, impl=paged_impl)
+    # A policy without the teacher gets a token teacher pool: the null page and one more per group.
+    teacher_cache = (teacher.init_paged_cache(b, pool.max_len, page_size=page, num_pages=num_pages, impl=paged_impl)
+                     if spec.uses_teacher
+                     else teacher.init_paged_cache(b, page, page_size=page, num_pages=2 * pool.groups, impl=paged_impl))
+    state = _placed(empty_state(b, spec.out_cap, spec.max_steps, student_cache, teacher_cache), mesh)
     sharding = state.student_cache.k_pages.sharding
     stats.pool_sharding = sharding.spec if isinstance(sharding, NamedSharding) else None
     growth = iterations_per_sync * spec.tokens_per_iteration + 1
-    scheduler: Scheduler[Job] = Scheduler(b, allocators, growth, pool.max_len)
+    host = _Groups(pool, 2 if spec.uses_teacher else 1, student_cache.pages_per_seq, growth)
     for job in jobs:
-        scheduler.submit(job, len(job.prompt))
+        host.submit(job)
     base_key = jax.random.key(seed)
     ctx_len = np.zeros(b, np.int64)
     release = np.zeros(b, bool)
     log.info("engine (%s): %d jobs, %d slots; %s", spec.policy.name, len(jobs), b, pool.describe())
     while True:
-        plan = scheduler.plan(ctx_len)
-        release |= plan.release
-        state = dataclasses.replace(state, student_cache=_commit(state.student_cache, allocators[0].table))
+        started, preempted = host.plan(ctx_len)
+        release |= preempted
+        state = dataclasses.replace(state, student_cache=_commit(state.student_cache, host.table(0)))
         if spec.uses_teacher:
-            state = dataclasses.replace(state, teacher_cache=_commit(state.teacher_cache, allocators[1].table))
+            state = dataclasses.replace(state, teacher_cache=_commit(state.teacher_cache, host.table(1)))
         if release.any():
             state = release_slots(state, jnp.asarray(release))
             release[:] = False
-        state = _start(spec, student_def, teacher_def, student_params, teacher_params, state, plan.started, base_key,
-                       stats)
-        for slot, job in plan.started:
+        state = _start(spec, student_def, teacher_def, student_params, teacher_params, state, started, base_key,
+                       stats, host.size, groups)
+        for slot, job in started:
             ctx_len[slot] = len(job.prompt)
-        stats.preemptions = scheduler.preemptions
-        if scheduler.idle:
+        stats.preemptions = host.preemptions
+        if host.idle:
             if stats.preemptions:
                 log.info("engine (%s): %d preemption(s) in all", spec.policy.name, stats.preemptions)
             return
         # With nothing queued a finished slot cannot be refilled: run on until every slot is done.
         state, count = run_iterations(spec, student_def, teacher_def, student_params, teacher_params, tables, state,
-                                      jnp.asarray(iterations_per_sync, jnp.int32), jnp.asarray(bool(scheduler.queue)))
+                                      jnp.asarray(iterations_per_sync, jnp.int32), jnp.asarray(host.queued), groups)
         finished, ctx_len, dropped = jax.device_get(
             (state.finished, state.ctx_len, state.student_cache.dropped.sum() + state.teacher_cache.dropped.sum()))
         stats.syncs, stats.iterations = stats.syncs + 1, stats.iterations + int(count)
@@ -139,33 +193,43 @@ def run_engine(spec: EngineSpec, student: Decoder, teacher: Decoder, tables: Eng
         if done.size:
             rows = jax.device_get(read_rows(state, jnp.asarray(done)))
             for n, slot in enumerate(done):
-                job = scheduler.finish(int(slot))
+                job = host.finish(int(slot))
                 yield job, {name: values[n] for name, values in rows.items()}
             release[done] = True
 
 
 def _start(spec: EngineSpec, student_def: Any, teacher_def: Any, student_params: Any, teacher_params: Any,
-           state: EngineState, started: list[tuple[int, Job]], base_key: jax.Array, stats: EngineStats) -> EngineState:
-    """Prefill and reset the started slots: one call per prompt-width bucket, rows padded to a power of two."""
-    groups: dict[int, list[tuple[int, Job]]] = {}
+           state: EngineState, started: list[tuple[int, Job]], base_key: jax.Array, stats: EngineStats,
+           group_size: int, groups: Mesh | None) -> EngineState:
+    """Prefill and reset the started slots: one call per prompt-width bucket, rows padded to a power of two (per
+    engine group: each group gets the same number of rows, with its own slot ids)."""
+    buckets: dict[int, list[tuple[int, Job]]] = {}
     for slot, job in started:
-        groups.setdefault(bucket(len(job.prompt)), []).append((slot, job))
-    b = state.num_slots
-    for width, group in sorted(groups.items()):
-        n = _pow2(len(group))
-        slots = np.full(n, b, np.int32)  # index b: padding, skipped by every write
-        prompts = np.zeros((n, width), np.int32)
-        lens = np.ones(n, np.int32)
-        ids = np.zeros(n, np.uint32)
-        for i, (slot, job) in enumerate(group):
-            slots[i], lens[i], ids[i] = slot, len(job.prompt), job.key_id
-            prompts[i, :len(job.prompt)] = job.prompt
-        keys = jax.vmap(lambda i: jax.random.fold_in(base_key, i))(jnp.asarray(ids))
-        state = start_slots(spec, student_def, teacher_def, student_params, teacher_params, state, jnp.asarray(slots),
-                            jnp.asarray(prompts), jnp.asarray(lens), keys)
+        buckets.setdefault(bucket(len(job.prompt)), []).append((slot, job))
+    num_groups = 1 if groups is None else groups.shape["data"]
+    put = (lambda a: jnp.asarray(a)) if groups is None else (
+        lambda a: jax.device_put(a, NamedSharding(groups, PartitionSpec("data"))))
+    for width, members in sorted(buckets.items()):
+        per_group: list[list[tuple[int, Job]]] = [[] for _ in range(num_groups)]
+        for slot, job in members:
+            per_group[slot // group_size].append((slot % group_size, job))
+        n = _pow2(max(len(g) for g in per_group))
+        slots = np.full((num_groups, n), group_size, np.int32)  # index group_size: padding, skipped by every write
+        prompts = np.zeros((num_groups, n, width), np.int32)
+        lens = np.ones((num_groups, n), np.int32)
+        ids = np.zeros((num_groups, n), np.uint32)
+        for g, group in enumerate(per_group):
+            for i, (slot, job) in enumerate(group):
+                slots[g, i], lens[g, i], ids[g, i] = slot, len(job.prompt), job.key_id
+                prompts[g, i, :len(job.prompt)] = job.prompt
+        keys = jax.vmap(lambda i: jax.random.fold_in(base_key, i))(jnp.asarray(ids.reshape(-1)))
+        state = start_slots(spec, student_def, teacher_def, student_params, teacher_params, state,
+                            put(slots.reshape(-1)), put(prompts.reshape(num_groups * n, width)), put(lens.reshape(-1)),
+                            put(keys) if groups is not None else keys, groups)
+        rows = num_groups * n
         stats.prefill_calls += 1
-        stats.prefill_rows += n
-        stats.prefill_tokens += n * width
-        stats.prefill_shapes.append((len(group), n, width))
-        stats.started += len(group)
+        stats.prefill_rows += rows
+        stats.prefill_tokens += rows * width
+        stats.prefill_shapes.append((len(members), rows, width))
+        stats.started += len(members)
     return state

@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from motab_jax.models.paged_cache import PagedKVCache
 from motab_jax.motab.acceptance import accept_drafts
@@ -31,6 +33,7 @@ from motab_jax.motab.policies import Policy
 from motab_jax.motab.state import (
     EXPLORE,
     RECORD_FIELDS,
+    SLOT_FIELDS,
     SRC_STUDENT,
     SRC_TEACHER,
     TEACHER,
@@ -194,24 +197,57 @@ def iteration(spec: EngineSpec, student, teacher, tables: EngineTables, s: Engin
         accepted_drafts=s.accepted_drafts + jnp.where(teacher_mode, accepted, 0))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(6,))
+def state_specs(s: EngineState) -> EngineState:
+    """How `s` splits over engine groups (`data`): every per-slot array on its slot axis, each page pool on its
+    pool axis (one contiguous pool per group, addressed by group-local page ids)."""
+    def cache(c: PagedKVCache) -> PagedKVCache:
+        pool = P(None, "data") if c.layout == "head_major" else P("data")
+        return dataclasses.replace(c, k_pages=pool, v_pages=None if c.v_pages is None else pool,
+                                   page_table=P("data"), lengths=P("data"), dropped=P("data"))
+
+    slots = {name: P("data") for name in SLOT_FIELDS}
+    return dataclasses.replace(s, student_cache=cache(s.student_cache), teacher_cache=cache(s.teacher_cache), **slots)
+
+
+def over_groups(fn: Callable, groups: Mesh | None, in_specs: tuple, out_specs: Any) -> Callable:
+    """`fn` per engine group: under `shard_map` over the mesh's `data` axis when `groups` is a mesh (each group
+    sees its own slots and pools; the model axes stay automatic), else `fn` itself."""
+    if groups is None:
+        return fn
+    # Size-1 axes are manual too: with every axis manual a Pallas kernel runs per device as on one device.
+    manual = {"data"} | {a for a in groups.axis_names if groups.shape[a] == 1}
+    return jax.shard_map(fn, mesh=groups, in_specs=in_specs, out_specs=out_specs, axis_names=manual,
+                         check_vma=False)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 9), donate_argnums=(6,))
 def run_iterations(spec: EngineSpec, student_def: Any, teacher_def: Any, student_params: Any, teacher_params: Any,
-                   tables: EngineTables, s: EngineState, max_iterations: jax.Array,
-                   stop_on_finish: jax.Array) -> tuple[EngineState, jax.Array]:
+                   tables: EngineTables, s: EngineState, max_iterations: jax.Array, stop_on_finish: jax.Array,
+                   groups: Mesh | None = None) -> tuple[EngineState, jax.Array]:
     """Iterate until no slot is live, `max_iterations` ran, or (with `stop_on_finish`, when the host has work to
-    put in a freed slot) a slot finishes. Returns (state, iterations)."""
-    student, teacher = nnx.merge(student_def, student_params), nnx.merge(teacher_def, teacher_params)
+    put in a freed slot) a slot finishes; with `groups` (a mesh whose `data` axis splits the slots), every group
+    iterates until that holds over all groups. Returns (state, iterations)."""
+    axis = None if groups is None else "data"
 
-    def cond(carry):
-        i, st = carry
-        return (i < max_iterations) & jnp.any(st.live) & ~(stop_on_finish & jnp.any(st.finished))
+    def loop(student_params, teacher_params, tables, s, max_iterations, stop_on_finish):
+        student, teacher = nnx.merge(student_def, student_params), nnx.merge(teacher_def, teacher_params)
+        over_all = (lambda x: x) if axis is None else (lambda x: jax.lax.pmax(x, axis))
 
-    def body(carry):
-        i, st = carry
-        return i + 1, iteration(spec, student, teacher, tables, st)
+        def cond(carry):
+            i, st = carry
+            return (i < max_iterations) & over_all(jnp.any(st.live)) & ~(stop_on_finish & over_all(jnp.any(st.finished)))
 
-    count, s = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), s))
-    return s, count
+        def body(carry):
+            i, st = carry
+            return i + 1, iteration(spec, student, teacher, tables, st)
+
+        count, s = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), s))
+        return s, count[None]
+
+    specs = state_specs(s)
+    loop = over_groups(loop, groups, (P(), P(), P(), specs, P(), P()), (specs, P("data")))
+    s, count = loop(student_params, teacher_params, tables, s, max_iterations, stop_on_finish)
+    return s, count.max()
 
 
 @jax.jit
@@ -240,21 +276,29 @@ def _prefill_slots(model, cache: PagedKVCache, slots: jax.Array, prompts: jax.Ar
                                dropped=cache.dropped.at[slots].add(rows.dropped, mode="drop"))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(5,))
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 10), donate_argnums=(5,))
 def start_slots(spec: EngineSpec, student_def: Any, teacher_def: Any, student_params: Any, teacher_params: Any,
                 s: EngineState, slots: jax.Array, prompts: jax.Array, prompt_lens: jax.Array,
-                keys: jax.Array) -> EngineState:
+                keys: jax.Array, groups: Mesh | None = None) -> EngineState:
     """Start trajectories in `slots` [n] (entries >= B are padding): prefill both caches with prompt[:-1] of
     prompts [n, T] (the last prompt token becomes `pending`) and set every per-slot field to its start value.
-    Only these n rows are computed; their pages must already be in the caches' page tables."""
-    student, teacher = nnx.merge(student_def, student_params), nnx.merge(teacher_def, teacher_params)
-    n = slots.shape[0]
-    last = prompts[jnp.arange(n), jnp.maximum(prompt_lens - 1, 0)]
-    num_valid = prompt_lens - 1
-    student_cache = _prefill_slots(student, s.student_cache, slots, prompts, num_valid)
-    teacher_cache = s.teacher_cache
-    if spec.uses_teacher:
-        teacher_cache = _prefill_slots(teacher, teacher_cache, slots, prompts, num_valid)
-    start_mode = TEACHER if spec.policy.starts_with_teacher else EXPLORE
-    s = set_slots(s, slots, start_values(spec.traj_cap, start_mode, prompt_lens, last, keys))
-    return dataclasses.replace(s, student_cache=student_cache, teacher_cache=teacher_cache)
+    Only these n rows are computed; their pages must already be in the caches' page tables. With `groups`, the
+    n rows are split evenly over the groups and each group's `slots` are local to it."""
+
+    def start(student_params, teacher_params, s, slots, prompts, prompt_lens, keys):
+        student, teacher = nnx.merge(student_def, student_params), nnx.merge(teacher_def, teacher_params)
+        n = slots.shape[0]
+        last = prompts[jnp.arange(n), jnp.maximum(prompt_lens - 1, 0)]
+        num_valid = prompt_lens - 1
+        student_cache = _prefill_slots(student, s.student_cache, slots, prompts, num_valid)
+        teacher_cache = s.teacher_cache
+        if spec.uses_teacher:
+            teacher_cache = _prefill_slots(teacher, teacher_cache, slots, prompts, num_valid)
+        start_mode = TEACHER if spec.policy.starts_with_teacher else EXPLORE
+        s = set_slots(s, slots, start_values(spec.traj_cap, start_mode, prompt_lens, last, keys))
+        return dataclasses.replace(s, student_cache=student_cache, teacher_cache=teacher_cache)
+
+    specs = state_specs(s)
+    rows = P("data")
+    start = over_groups(start, groups, (P(), P(), specs, rows, rows, rows, rows), specs)
+    return start(student_params, teacher_params, s, slots, prompts, prompt_lens, keys)

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from motab_jax.models.transformer import Decoder
-from motab_jax.motab.driver import EngineStats, Job, run_engine
+from motab_jax.motab.driver import EngineStats, Job, engine_groups, run_engine
 from motab_jax.motab.engine import EngineSpec
 from motab_jax.motab.policies import Plain
 from motab_jax.motab.pool import activation_margin, loaded_budget, plan_pool
@@ -66,12 +66,13 @@ def generate_rows(model: Decoder, prompts: Sequence[Sequence[int]], row_ids: Seq
     tables = EngineTables(jnp.zeros((1, vocab), jnp.int32), jnp.zeros((1, vocab), bool),
                           jnp.asarray(sorted(set(int(t) for t in stop_tokens)) or [-1], jnp.int32))
     num_slots = min(config.num_slots, len(prompts))
-    weights = weight_bytes(model)
+    weights, groups = weight_bytes(model), engine_groups(model)
     # Sized from the memory free now (plus the model's weights): during KD the training state is resident.
     pool = plan_pool(num_slots=num_slots, page_size=config.page_size, max_len=max_len, max_prompt_len=max(lengths),
                      token_bytes=kv_token_bytes([model.config]), num_pages=config.num_pages,
                      memory_budget_gb=config.memory_budget_gb, weight_bytes=weights,
-                     margin_bytes=activation_margin(num_slots, k, vocab), device_bytes=loaded_budget(weights))
+                     margin_bytes=activation_margin(num_slots, k, vocab), device_bytes=loaded_budget(weights, groups),
+                     groups=groups)
     jobs = [Job(i, tuple(int(t) for t in p), int(r)) for i, (p, r) in enumerate(zip(prompts, row_ids))]
     for job, row in run_engine(spec, model, model, tables, jobs, pool=pool, paged_impl=config.paged_impl,
                                iterations_per_sync=config.iterations_per_sync, seed=seed, stats=stats):

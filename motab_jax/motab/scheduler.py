@@ -36,11 +36,14 @@ class SlotPlan(Generic[JobT]):
 
 
 class Scheduler(Generic[JobT]):
-    def __init__(self, num_slots: int, pools: Sequence[PageAllocator], growth: int, max_len: int):
+    def __init__(self, num_slots: int, pools: Sequence[PageAllocator], growth: int, max_len: int,
+                 queue: collections.deque | None = None):
         """`pools`: one allocator per KV cache (every job needs pages in each); `growth`: tokens a slot may
-        add in one device loop; `max_len`: the most positions a slot can address."""
+        add in one device loop; `max_len`: the most positions a slot can address; `queue`: a queue shared with
+        other schedulers (engine groups admit from one queue and requeue preempted jobs at its head)."""
         self.num_slots, self.pools, self.growth, self.max_len = num_slots, list(pools), growth, max_len
-        self.queue: collections.deque[tuple[JobT, int]] = collections.deque()  # (job, prompt length)
+        # (job, prompt length)
+        self.queue: collections.deque[tuple[JobT, int]] = queue if queue is not None else collections.deque()
         self.slots: list[tuple[JobT, int] | None] = [None] * num_slots
         self.started_at = np.zeros(num_slots, np.int64)  # start order of the slot's trajectory
         self._clock = 0

@@ -23,7 +23,7 @@ from motab_jax.models.paged_cache import kv_bytes_per_token
 from motab_jax.models.transformer import Decoder
 from motab_jax.motab.config import resolve_config
 from motab_jax.motab.delimiter import build_delimiter_tables
-from motab_jax.motab.driver import EngineStats, Job, run_engine
+from motab_jax.motab.driver import EngineStats, Job, engine_groups, run_engine
 from motab_jax.motab.engine import EngineSpec
 from motab_jax.motab.policies import Policy, make_policy
 from motab_jax.motab.pool import PoolPlan, activation_margin, loaded_budget, plan_pool
@@ -86,14 +86,16 @@ def kv_token_bytes(models: Sequence[ModelConfig]) -> int:
 
 
 def synthesis_pool(cfg: Mapping[str, Any], student: ModelConfig, teacher: ModelConfig, *, uses_teacher: bool = True,
-                   weight_bytes: float = 0.0, device_bytes: tuple[float, str] | None = None) -> PoolPlan:
-    """The page pools synthesis with `cfg` gets (`pool.plan_pool`); also what the preflight checks."""
+                   weight_bytes: float = 0.0, device_bytes: tuple[float, str] | None = None,
+                   groups: int = 1) -> PoolPlan:
+    """The page pools synthesis with `cfg` gets over `groups` engine groups (`pool.plan_pool`); also what the
+    preflight checks."""
     models = [student, teacher] if uses_teacher else [student]
     margin = activation_margin(cfg["num_slots"], cfg["draft_len"] + 1, max(c.output_vocab_size for c in models))
     return plan_pool(num_slots=cfg["num_slots"], page_size=cfg["page_size"], max_len=cache_length(cfg),
                      max_prompt_len=cfg["max_prompt_len"], token_bytes=kv_token_bytes(models),
                      num_pages=cfg["num_pages"], memory_budget_gb=cfg["memory_budget_gb"], weight_bytes=weight_bytes,
-                     margin_bytes=margin, device_bytes=device_bytes)
+                     margin_bytes=margin, device_bytes=device_bytes, groups=groups)
 
 
 def weight_bytes(*models: Decoder) -> float:
@@ -134,10 +136,9 @@ def synthesize(student: Decoder, teacher: Decoder, tokenizer: Any, questions: Se
         if len(ids) > cfg["max_prompt_len"]:
             raise ValueError(f"question {items[qi].id}: prompt has {len(ids)} tokens > max_prompt_len="
                              f"{cfg['max_prompt_len']}; raise max_prompt_len or shorten the question")
-    weights = weight_bytes(student, teacher)
+    weights, groups = weight_bytes(student, teacher), engine_groups(student)
     pool = synthesis_pool(cfg, student.config, teacher.config, uses_teacher=spec.uses_teacher, weight_bytes=weights,
-                          device_bytes=loaded_budget(weights))
-    pool.check()
+                          device_bytes=loaded_budget(weights, groups), groups=groups)
     records = _run(spec, cfg, pool, student, teacher, tokenizer, items, queue, encoded, progress, stats)
     return append_records(cfg["output_path"], records) if cfg["output_path"] else records
 

@@ -8,6 +8,7 @@ from typing import Any
 import jax
 
 from motab_jax.models.config import ModelConfig
+from motab_jax.models.sharding import MeshConfig
 from motab_jax.motab.pool import PoolPlan, memory_over_devices, plan_pool
 from motab_jax.motab.synthesize import kv_token_bytes, synthesis_pool
 from motab_jax.sampling.sampler import bucket
@@ -136,21 +137,32 @@ def _cached(cfg: ModelConfig, spec: Any) -> ModelConfig:
     return cfg.replace(compute_dtype=spec.compute_dtype or spec.dtype)
 
 
+def engine_groups(config: Any) -> int:
+    """Engine groups of the decoding stages: the run's mesh `data` axis (`models.sharding.SAMPLING_RULES`); 1 when
+    the mesh does not fit the devices (the validator reports that)."""
+    try:
+        return MeshConfig(**config.mesh).shape(jax.device_count())[0]
+    except ValueError:
+        return 1
+
+
 def generation_pools(config: Any, teacher: ModelConfig, student: ModelConfig,
                      device_bytes: tuple[float, str] | None = None) -> dict[str, PoolPlan]:
     """The KV page pools synthesis and evaluation would get (`motab.pool.plan_pool`, the engine's own rule);
     `device_bytes`: the memory to size them from (default: the devices')."""
     s = dict(config.synthesis)
+    groups = engine_groups(config)
     t, st = _cached(teacher, config.teacher), _cached(student, config.student)
     weights = teacher.num_params * jax.numpy.dtype(config.teacher.dtype).itemsize + \
         student.num_params * jax.numpy.dtype(config.student.dtype).itemsize
     e = config.eval
-    return {"synthesize": synthesis_pool(s, st, t, weight_bytes=weights, device_bytes=device_bytes),
+    return {"synthesize": synthesis_pool(s, st, t, weight_bytes=weights, device_bytes=device_bytes, groups=groups),
             # Evaluation prompts are not known before loading: synthesis.max_prompt_len stands for them.
             "eval": plan_pool(num_slots=int(e.batch_size), page_size=s["page_size"],
                               max_len=bucket(s["max_prompt_len"]) + int(e.max_new_tokens) + 10,
                               max_prompt_len=s["max_prompt_len"], token_bytes=kv_token_bytes([t]),
-                              memory_budget_gb=s["memory_budget_gb"], weight_bytes=weights, device_bytes=device_bytes)}
+                              memory_budget_gb=s["memory_budget_gb"], weight_bytes=weights, device_bytes=device_bytes,
+                              groups=groups)}
 
 
 def _micro_rows(section: Any, rows: int) -> int:
@@ -170,18 +182,23 @@ def memory_breakdown(config: Any, teacher: ModelConfig, student: ModelConfig) ->
 
     pools = generation_pools(config, teacher, student)
     synthesis = pools["synthesize"]
-    out: dict[str, dict[str, float]] = {"synthesize": {
-        "parameters": param_bytes(teacher, config.teacher) + param_bytes(student, config.student),
-        f"KV page pools, the least that runs ({synthesis.min_pages} pages: one trajectory of {synthesis.max_len} "
-        f"positions + {synthesis.num_slots - 1} prompts of {synthesis.max_prompt_len})":
-            synthesis.min_pages * synthesis.page_size * synthesis.token_bytes}}
+    copies = f" x {synthesis.groups} engine groups" if synthesis.groups > 1 else ""
+
+    def least_pools(pool: PoolPlan, token_bytes: int, what: str) -> tuple[str, float]:
+        return (f"KV page pools, the least that runs ({pool.min_pages} pages{copies}: {what} of {pool.max_len} "
+                f"positions + {pool.slots_per_group - 1} prompts of {pool.max_prompt_len})",
+                pool.groups * pool.min_pages * pool.page_size * token_bytes)
+
+    out: dict[str, dict[str, float]] = {"synthesize": dict([
+        (f"parameters{copies}", synthesis.groups * (param_bytes(teacher, config.teacher)
+                                                    + param_bytes(student, config.student))),
+        least_pools(synthesis, synthesis.token_bytes, "one trajectory")])}
     evaluation = pools["eval"]
-    out["eval"] = {
-        "parameters (the larger model evaluated)": max(param_bytes(teacher, config.teacher),
-                                                        param_bytes(student, config.student)),
-        f"KV page pool, the least that runs ({evaluation.min_pages} pages: one sample of {evaluation.max_len} "
-        f"positions + {evaluation.num_slots - 1} prompts)": evaluation.min_pages * evaluation.page_size * max(
-            kv_token_bytes([_cached(teacher, config.teacher)]), kv_token_bytes([_cached(student, config.student)]))}
+    out["eval"] = dict([
+        (f"parameters (the larger model evaluated){copies}", evaluation.groups * max(
+            param_bytes(teacher, config.teacher), param_bytes(student, config.student))),
+        least_pools(evaluation, max(kv_token_bytes([_cached(teacher, config.teacher)]),
+                                    kv_token_bytes([_cached(student, config.student)])), "one sample")])
     spec = config.student
     # The train step keeps float32 master weights; each layer casts them to the compute dtype.
     cast = itemsize(spec) != 4
@@ -238,7 +255,8 @@ def memory_hint(config: Any, stage: str, parts: dict[str, float]) -> str:
     """What would shrink this stage's peak, given the settings the estimate used."""
     if stage in ("synthesize", "eval"):
         return ("a smaller synthesis.num_slots / traj_cap / max_prompt_len (eval: eval.batch_size / max_new_tokens), "
-                "tensor parallelism over more devices, or bfloat16")
+                "fewer engine groups (mesh.data: each holds a copy of the weights) with more tensor / fsdp devices "
+                "each, or bfloat16")
     hints = []
     if str(config.student.get("remat", "none")) != "full":
         hints.append("student.remat='full'")
