@@ -22,6 +22,7 @@ from motab_jax.models.config import ModelConfig
 from motab_jax.models.paged_cache import kv_bytes_per_token
 from motab_jax.models.transformer import Decoder
 from motab_jax.motab.config import resolve_config
+from motab_jax.motab.cross_engine import CrossJob, run_cross_engine
 from motab_jax.motab.delimiter import build_delimiter_tables
 from motab_jax.motab.driver import EngineStats, Job, engine_groups, run_engine
 from motab_jax.motab.engine import EngineSpec
@@ -32,7 +33,7 @@ from motab_jax.motab.transition import EngineTables
 from motab_jax.sampling.generate import default_stop_tokens
 from motab_jax.sampling.rules import make_rule
 from motab_jax.sampling.sampler import bucket
-from motab_jax.text import token_bytes_table
+from motab_jax.text import VocabularyMismatchError, check_shared_vocabulary, token_bytes_table
 from motab_jax.text.prompts import question_prompt
 
 log = logging.getLogger("motab_jax")
@@ -111,7 +112,7 @@ def _encode(tokenizer: Any, question: Question, cfg: Mapping[str, Any]) -> tuple
 
 def synthesize(student: Decoder, teacher: Decoder, tokenizer: Any, questions: Sequence[Any],
                config: Mapping[str, Any] | None = None, *, progress: bool = True,
-               stats: EngineStats | None = None) -> Iterator[dict[str, Any]]:
+               stats: EngineStats | None = None, teacher_tokenizer: Any = None) -> Iterator[dict[str, Any]]:
     """Yield one record per (question, sample index) as trajectories finish (see records.build_record).
 
     `config` is the synthesis section (see `motab_jax.motab.config.SynthesisConfig`); its `policy` is a name or a
@@ -119,14 +120,20 @@ def synthesize(student: Decoder, teacher: Decoder, tokenizer: Any, questions: Se
     (formatted per `prompt_format`) or `prompt_ids` (used as is). With `output_path`, records are appended to
     that JSONL file as they finish and pairs already present there are skipped (resume). `stats`: filled with
     the engine's counters (syncs, prefills, preemptions, the pool).
+
+    `teacher_tokenizer`: the teacher's, when it differs from the student's (`tokenizer`): the teacher then judges
+    the student's text (`cross_engine`); records keep teacher text in both vocabularies (`cross_records`).
     """
     cfg = resolve_config(config)
     spec = engine_spec(cfg)
+    if tokenizer is None:
+        raise ValueError("synthesis needs the student's tokenizer")
+    if _cross_vocabulary(tokenizer, teacher_tokenizer):
+        return _synthesize_cross(spec, cfg, student, teacher, tokenizer, teacher_tokenizer, questions, progress)
     if student.config.output_vocab_size != teacher.config.output_vocab_size:
         raise ValueError(f"student logits cover {student.config.output_vocab_size} ids but the teacher's cover "
-                         f"{teacher.config.output_vocab_size}: the models must share one vocabulary")
-    if tokenizer is None:
-        raise ValueError("synthesis needs the (shared) tokenizer")
+                         f"{teacher.config.output_vocab_size}: pass the teacher's tokenizer (teacher_tokenizer=) for "
+                         "a teacher with another vocabulary")
     items = parse_questions(questions)
     done = read_done(cfg["output_path"]) if cfg["output_path"] else set()
     queue = [(qi, r) for qi, q in enumerate(items) for r in range(cfg["samples_per_question"])
@@ -141,6 +148,58 @@ def synthesize(student: Decoder, teacher: Decoder, tokenizer: Any, questions: Se
                           device_bytes=loaded_budget(weights, groups), groups=groups)
     records = _run(spec, cfg, pool, student, teacher, tokenizer, items, queue, encoded, progress, stats)
     return append_records(cfg["output_path"], records) if cfg["output_path"] else records
+
+
+def _cross_vocabulary(tokenizer: Any, teacher_tokenizer: Any) -> bool:
+    if teacher_tokenizer is None or teacher_tokenizer is tokenizer:
+        return False
+    try:
+        check_shared_vocabulary(teacher_tokenizer, tokenizer)
+    except VocabularyMismatchError:
+        return True
+    return False
+
+
+def _synthesize_cross(spec: EngineSpec, cfg: Mapping[str, Any], student: Decoder, teacher: Decoder, tokenizer: Any,
+                      teacher_tokenizer: Any, questions: Sequence[Any], progress: bool) -> Iterator[dict[str, Any]]:
+    if spec.policy.token_top_k:
+        raise ValueError(f"policy={spec.policy.name!r} compares the student's tokens with the teacher's top-k, which "
+                         "has no meaning across vocabularies; use motab, its ablations, skd_step, teacher_only or "
+                         "student_only with this teacher")
+    items = parse_questions(questions)
+    done = read_done(cfg["output_path"]) if cfg["output_path"] else set()
+    samples = cfg["samples_per_question"]
+    queue = [(qi, r) for qi, q in enumerate(items) for r in range(samples) if (q.id, r) not in done]
+    prompts = {}
+    for qi in sorted({qi for qi, _ in queue}):
+        text, ids = _encode(tokenizer, items[qi], cfg)
+        if len(ids) > cfg["max_prompt_len"]:
+            raise ValueError(f"question {items[qi].id}: prompt has {len(ids)} tokens > max_prompt_len="
+                             f"{cfg['max_prompt_len']}; raise max_prompt_len or shorten the question")
+        if items[qi].prompt_ids:
+            raise ValueError(f"question {items[qi].id}: prompt_ids are in one vocabulary; a teacher with another "
+                             "tokenizer needs the question as text")
+        teacher_text, _ = question_prompt(teacher_tokenizer, items[qi].text, cfg["instruction"],
+                                          prompt_format=cfg["prompt_format"])
+        prompts[qi] = (text, ids, teacher_text)
+    jobs = [CrossJob(n, prompts[qi][1], prompts[qi][2], qi * samples + r) for n, (qi, r) in enumerate(queue)]
+    student_eos = sorted(set(default_stop_tokens(student, tokenizer)) | {int(t) for t in cfg["extra_stop_tokens"]})
+    teacher_eos = default_stop_tokens(teacher, teacher_tokenizer)
+    bar = tqdm(total=len(jobs), desc=f"synthesis ({spec.policy.name}, cross-vocabulary)", unit="traj",
+               disable=not progress)
+
+    def records() -> Iterator[dict[str, Any]]:
+        try:
+            for job, fields in run_cross_engine(spec, student, teacher, tokenizer, teacher_tokenizer, jobs, cfg,
+                                                student_eos=student_eos, teacher_eos=teacher_eos):
+                qi, r = queue[job.index]
+                bar.update(1)
+                yield {"id": items[qi].id, "sample_index": r, "prompt": prompts[qi][0], "policy": spec.policy.name,
+                       **fields}
+        finally:
+            bar.close()
+
+    return append_records(cfg["output_path"], records()) if cfg["output_path"] else records()
 
 
 def _run(spec: EngineSpec, cfg: Mapping[str, Any], pool: PoolPlan, student: Decoder, teacher: Decoder, tokenizer: Any,

