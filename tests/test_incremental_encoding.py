@@ -195,12 +195,16 @@ def test_cost_follows_the_appended_text():
     _check(tok, enc)
 
 
-def test_added_token_text_and_unnormalised_text_fall_back_to_a_full_encode():
+def test_chat_prompts_stay_incremental_and_unnormalised_text_falls_back_to_a_full_encode():
     tok = qwen_tokenizer()  # NFC normalizer, ChatML added tokens
-    enc = IncrementalEncoder(tok, "a<|im_")
-    enc.append("end|> b")
-    _check(tok, enc)
+    prompt = tok.apply_chat_template([{"role": "user", "content": "What is 2+2?"}], add_generation_prompt=True,
+                                     tokenize=False)
+    enc = IncrementalEncoder(tok, prompt)
+    for part in ("We add", " 2 and 2.", "\n\n", "So 4<|im_", "end|> and <|im_start|>", "x"):
+        enc.append(part)
+        _check(tok, enc)
+    assert enc.stats.full_encodes == 0 and tok.convert_tokens_to_ids("<|im_end|>") in enc.ids
     enc.append(" cafe")
     enc.append("\u0301 ok")  # a combining accent composes with the "e" before the seam
     _check(tok, enc)
-    assert enc.stats.full_encodes >= 2
+    assert enc.stats.full_encodes == 1

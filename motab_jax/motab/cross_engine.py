@@ -13,7 +13,9 @@ ends a step (`cross_device.decode`); the host turns every finished step into tex
 incremental encoding, incomplete UTF-8 held back); one batched teacher `feed` scores them all; the host judges in
 order (the policy's own `boundary` / `judge` and `transition.root_cause`); breaching slots rewind their text to
 the safe state and the teacher writes (`decode` in its vocabulary) the rest, or one step for one-step policies.
-Admission reserves a full trajectory's pages per slot (`pool_slots`); preemption is not implemented here.
+Limits of this first version: one engine group (on a mesh, the devices of data index 0; the models are tensor
+parallel within it); the pools hold every slot at full length (no admission by free pages, no preemption); the
+host loop waits for each phase (no exploration past an unscored step); the teacher decodes without drafts.
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from motab_jax.models.loading import resharded
 from motab_jax.models.paged_cache import PageAllocator
+from motab_jax.models.sharding import SAMPLING_RULES
 from motab_jax.models.transformer import Decoder
 from motab_jax.motab.cross_device import RUNNING, STOP_BUDGET, STOP_EOS, DecodeRows, decode, feed
 from motab_jax.motab.cross_records import StepRecord, build_cross_record
@@ -70,6 +74,9 @@ class _Side:
               eos: Sequence[int], paged_impl: str) -> _Side:
         model_def, params = nnx.split(model)
         cache = model.init_paged_cache(num_slots, max_len, page_size=page_size, impl=paged_impl)
+        sharding = jax.tree.leaves(params)[0].sharding
+        if isinstance(sharding, jax.sharding.NamedSharding):  # pools split over KV heads like the weights
+            cache = cache.placed(sharding.mesh, SAMPLING_RULES)
         vocab = model.config.output_vocab_size
         table = token_bytes_table(tokenizer)[:vocab]
         table = table + [b""] * (vocab - len(table))
@@ -149,6 +156,7 @@ def run_cross_engine(spec: EngineSpec, student: Decoder, teacher: Decoder, stude
                      stats: EncoderStats | None = None) -> Iterator[tuple[CrossJob, dict[str, Any]]]:
     """Run every job; yields (job, record fields) as trajectories finish (see `cross_records`)."""
     policy = spec.policy
+    student, teacher = _first_group(student), _first_group(teacher)
     num_slots = max(1, min(int(cfg["num_slots"]), len(jobs)))
     page = int(cfg["page_size"])
     student_len = bucket(cfg["max_prompt_len"]) + spec.traj_cap + 2
@@ -180,6 +188,18 @@ def run_cross_engine(spec: EngineSpec, student: Decoder, teacher: Decoder, stude
                                                    revise=cfg["revise"])
     log.info("cross-vocabulary synthesis: %d incremental encodes, %d characters encoded, %d full re-encodes",
              stats.calls, stats.chars_encoded, stats.full_encodes)
+
+
+def _first_group(model: Decoder) -> Decoder:
+    """The model on the first engine group of its mesh (data index 0): this engine runs one group; computing the
+    same slots on every data replica would only repeat the work."""
+    sharding = jax.tree.leaves(nnx.state(model, nnx.Param))[0].sharding
+    if not isinstance(sharding, jax.sharding.NamedSharding) or sharding.mesh.shape.get("data", 1) == 1:
+        return model
+    mesh = sharding.mesh
+    group = jax.sharding.Mesh(mesh.devices[:1], mesh.axis_names)
+    log.info("cross-vocabulary synthesis runs one engine group (%d of the %d devices)", group.size, mesh.size)
+    return resharded(model, SAMPLING_RULES, group)
 
 
 def _keys(base: jax.Array, trajectories: list[_Trajectory | None], model: int) -> jax.Array:

@@ -28,6 +28,7 @@ from motab_jax.motab.synthesize import parse_questions
 from motab_jax.pipeline.demo_data import write_demo_data
 from motab_jax.pipeline.policy_runs import find_run, policy_runs
 from motab_jax.sampling.generate import default_stop_tokens
+from motab_jax.text import VocabularyMismatchError, check_shared_vocabulary
 from motab_jax.text.prompts import question_content, question_prompt
 from motab_jax.train import OptimizerConfig, RolloutConfig, RolloutSource, StepConfig, TrainConfig, fit
 
@@ -116,14 +117,19 @@ def run_pretrain_stage(config: Any, run_dir: Path, mesh: Mesh) -> dict[str, Any]
 def run_synthesize_stage(config: Any, run_dir: Path, mesh: Mesh) -> dict[str, Any]:
     # Decoding stages place weights by the sampling rules (tensor parallel, no sharded contractions).
     teacher, tokenizer = build_model(_spec(config, run_dir, "teacher"), mesh, SAMPLING_RULES)
-    student, _ = build_model(_spec(config, run_dir, "student"), mesh, SAMPLING_RULES)
+    student, student_tokenizer = build_model(_spec(config, run_dir, "student"), mesh, SAMPLING_RULES)
+    try:  # one vocabulary: prompts rendered by the teacher's tokenizer, as the engine has always done
+        check_shared_vocabulary(tokenizer, student_tokenizer)
+        teacher_tokenizer = None
+    except VocabularyMismatchError:  # the teacher judges the student's text (motab.cross_engine)
+        tokenizer, teacher_tokenizer = student_tokenizer, tokenizer
     questions = _read_questions(_questions_file(config, run_dir), config.data.limit, config.data.question_fields)
     summary = {}
     for run in policy_runs(config):
         section = dict(run.synthesis_section(config.synthesis.to_dict()),
                        output_path=str(run_dir / f"synthesis_{run.stem}.jsonl"))
         section["extra_stop_tokens"] = tuple(section["extra_stop_tokens"])
-        records = list(synthesize(student, teacher, tokenizer, questions, section))
+        records = list(synthesize(student, teacher, tokenizer, questions, section, teacher_tokenizer=teacher_tokenizer))
         done = [json.loads(line) for line in Path(section["output_path"]).read_text().splitlines()]
         breached = [r for r in done if r["breach_step"]]
         summary[run.label] = {

@@ -2,8 +2,9 @@
 
 `validate_config` checks every field on its own (types, ranges, names, paths) without touching a model.
 `preflight` then reads only the two models' config.json and tokenizers (local folders, the hub cache, or the
-hub when it is reachable) and checks what needs both: a shared vocabulary, top-k values within it, and a
-memory estimate of the largest stage against the devices' memory.
+hub when it is reachable) and checks what needs both: one vocabulary where a stage compares the models id by id
+(kd, skd_token; synthesis otherwise runs across vocabularies), top-k values within the vocabulary, and a memory
+estimate of the largest stage against the devices' memory.
 """
 
 from __future__ import annotations
@@ -232,10 +233,34 @@ def model_facts(spec: Any, role: str) -> ModelFacts:
     return ModelFacts(role, cfg, tokenizer)
 
 
-def preflight(config: Any) -> list[str]:
-    """Problems that need both models' metadata (no weights are read)."""
+def cross_vocabulary_problems(config: Any, stages: list[str], teacher_tokenizer: Any, student_tokenizer: Any) -> list[str]:
+    """A teacher with another tokenizer judges the student's text (synthesis: MOTAB, its ablations, skd_step,
+    teacher_only, student_only); what compares the two models token by token needs one vocabulary."""
     from motab_jax.text import check_shared_vocabulary
 
+    try:
+        check_shared_vocabulary(teacher_tokenizer, student_tokenizer)
+        return []
+    except ValueError as e:
+        difference = str(e).split(".")[0]
+    problems = []
+    if "kd" in stages:
+        problems.append(f"stages: 'kd' (on-policy distillation) compares the teacher's and the student's next-token "
+                        f"distributions id by id, so it needs one vocabulary ({difference}); drop kd from stages or use "
+                        "a teacher with the student's tokenizer")
+    if "synthesize" in stages:
+        for run in policy_runs(config):
+            if run.policy == "skd_token":
+                problems.append(f"policies: {run.label!r} replaces student tokens outside the teacher's top-k, which "
+                                f"has no meaning across vocabularies ({difference}); use motab, its ablations, "
+                                "skd_step, teacher_only or student_only with this teacher")
+        log.info("preflight: %s: synthesis runs across vocabularies (the teacher scores the student's text)",
+                 difference)
+    return problems
+
+
+def preflight(config: Any) -> list[str]:
+    """Problems that need both models' metadata (no weights are read)."""
     stages = stages_of(config)
     facts = {role: model_facts(config[role], role) for role in ("teacher", "student")}
     problems: list[str] = []
@@ -245,10 +270,7 @@ def preflight(config: Any) -> list[str]:
                  "and memory checks run when the models stage loads them", " and ".join(unknown))
     teacher, student = facts["teacher"], facts["student"]
     if teacher.tokenizer is not None and student.tokenizer is not None and {"synthesize", "kd"} & set(stages):
-        try:
-            check_shared_vocabulary(teacher.tokenizer, student.tokenizer)
-        except ValueError as e:
-            problems.append(f"teacher.path / student.path: {e}")
+        problems += cross_vocabulary_problems(config, stages, teacher.tokenizer, student.tokenizer)
     vocab = len(student.tokenizer) if student.tokenizer is not None else 0
     for field in ("token_top_k", "entropy_top_k"):
         if vocab and config.synthesis[field] > vocab:

@@ -7,9 +7,10 @@ only change the pre-tokenization near the end: the last pre-token may grow (``"1
 a whitespace run before it may split differently (the ``\\s+(?!\\S)`` lookahead). The patterns have no lookbehind,
 so pre-tokenizing from a pre-token start gives the same pieces as pre-tokenizing from the beginning. The encoder
 therefore keeps every pre-token's start (in characters and in ids) and re-encodes from the start of the piece
-`RESTART_PIECES` back. Where that argument does not hold it re-encodes everything instead (and counts it):
-text the normalizer changes (e.g. NFC composing a combining mark across the seam) and added-token text
-(``<|im_end|>`` written out) near the seam.
+`RESTART_PIECES` back. Added-token text (``<|im_start|>`` in a chat prompt) is split out first, as the tokenizer
+does, and is one piece. Where the argument does not hold it re-encodes everything instead (and counts it): text
+the normalizer changes near the seam (e.g. NFC composing a combining mark with the character before it) and
+added-token text that starts before the restart point and ends after it.
 
 Bytes from a decoder (a student step that ends inside a UTF-8 character) go through `append_bytes`, which holds
 the incomplete tail back until its next bytes arrive; invalid bytes become U+FFFD as in `tokenizer.decode`.
@@ -61,14 +62,30 @@ class _Backend:
         return self.backend.encode(text, add_special_tokens=False).ids
 
     def pieces(self, text: str) -> list[int]:
-        """Character offsets where the pre-tokens of `text` start."""
-        return [start for _, (start, _) in self.pre_tokenizer.pre_tokenize_str(text)]
+        """Character offsets where the pre-tokens of `text` start; an added token's text (e.g. ``<|im_start|>`` in
+        a chat prompt) is one piece, as the tokenizer splits those out before pre-tokenizing."""
+        starts: list[int] = []
+        done = 0
+        matches = list(self.added.finditer(text)) if self.added is not None else []
+        for segment_start, segment_end in [(m.start(), m.end()) for m in matches] + [(len(text), len(text))]:
+            if segment_start > done:
+                plain = text[done:segment_start]
+                starts += [done + start for _, (start, _) in self.pre_tokenizer.pre_tokenize_str(plain)]
+            if segment_end > segment_start:
+                starts.append(segment_start)
+            done = segment_end
+        return starts
 
     def is_plain(self, text: str) -> bool:
-        """The incremental argument holds for `text`: no normalizer change and no added-token text."""
-        if self.normalizer is not None and self.normalizer.normalize_str(text) != text:
+        """The normalizer leaves `text` unchanged (else the seam can change characters before it)."""
+        return self.normalizer is None or self.normalizer.normalize_str(text) == text
+
+    def straddles(self, text: str, at: int) -> bool:
+        """An added token's text in `text` starts before `at` and ends after it."""
+        if self.added is None:
             return False
-        return self.added is None or self.added.search(text) is None
+        lo = max(at - self.longest_added, 0)
+        return any(m.start() < at < m.end() for m in self.added.finditer(text, lo, at + self.longest_added))
 
 
 _BACKENDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -150,10 +167,11 @@ class IncrementalEncoder:
         else:
             start = self._piece_chars[piece] if piece < len(self._piece_chars) else len(self.text)
             first_id = self._piece_ids[piece] if piece < len(self._piece_ids) else len(self.ids)
-        # Added tokens can span the seam: look at the longest added token's width before it too.
-        window = new_text[max(start - self._backend.longest_added, 0):]
+        # The normalizer could change characters across the seam, and added-token text could start before it.
+        window = new_text[max(start - 4, 0):]
         tail = new_text[start:]
-        aligned = self._encode_pieces(tail) if self._backend.is_plain(window) else None
+        exact = self._backend.is_plain(window) and not self._backend.straddles(new_text, start)
+        aligned = self._encode_pieces(tail) if exact else None
         if aligned is None:
             self.stats.full_encodes += 1
             start = first_id = piece = 0
