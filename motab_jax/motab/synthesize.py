@@ -128,8 +128,9 @@ def synthesize(student: Decoder, teacher: Decoder, tokenizer: Any, questions: Se
     spec = engine_spec(cfg)
     if tokenizer is None:
         raise ValueError("synthesis needs the student's tokenizer")
-    if _cross_vocabulary(tokenizer, teacher_tokenizer):
-        return _synthesize_cross(spec, cfg, student, teacher, tokenizer, teacher_tokenizer, questions, progress)
+    if cfg["scoring"] == "text" or _cross_vocabulary(tokenizer, teacher_tokenizer):
+        return _synthesize_cross(spec, cfg, student, teacher, tokenizer, teacher_tokenizer or tokenizer, questions,
+                                 progress)
     if student.config.output_vocab_size != teacher.config.output_vocab_size:
         raise ValueError(f"student logits cover {student.config.output_vocab_size} ids but the teacher's cover "
                          f"{teacher.config.output_vocab_size}: pass the teacher's tokenizer (teacher_tokenizer=) for "
