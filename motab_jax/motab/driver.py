@@ -29,6 +29,7 @@ from motab_jax.motab.scheduler import Scheduler
 from motab_jax.motab.state import CACHE_FIELDS, EngineState, empty_state
 from motab_jax.motab.transition import EngineTables
 from motab_jax.sampling.sampler import bucket
+from motab_jax.text.incremental import EncoderStats
 
 log = logging.getLogger("motab_jax")
 
@@ -54,6 +55,7 @@ class EngineStats:
     prefill_shapes: list[tuple[int, int, int]] = dataclasses.field(default_factory=list)  # (started, rows, width)
     pool: PoolPlan | None = None
     pool_sharding: PartitionSpec | None = None  # of the student's page pool on a mesh (None: one device)
+    encoding: EncoderStats | None = None  # text-level scoring: the host's incremental re-encoding (calls, time)
 
 
 def _pow2(n: int) -> int:

@@ -34,6 +34,7 @@ from motab_jax.sampling.generate import default_stop_tokens
 from motab_jax.sampling.rules import make_rule
 from motab_jax.sampling.sampler import bucket
 from motab_jax.text import VocabularyMismatchError, check_shared_vocabulary, token_bytes_table
+from motab_jax.text.incremental import EncoderStats
 from motab_jax.text.prompts import question_prompt
 
 log = logging.getLogger("motab_jax")
@@ -130,7 +131,7 @@ def synthesize(student: Decoder, teacher: Decoder, tokenizer: Any, questions: Se
         raise ValueError("synthesis needs the student's tokenizer")
     if cfg["scoring"] == "text" or _cross_vocabulary(tokenizer, teacher_tokenizer):
         return _synthesize_cross(spec, cfg, student, teacher, tokenizer, teacher_tokenizer or tokenizer, questions,
-                                 progress)
+                                 progress, stats)
     if student.config.output_vocab_size != teacher.config.output_vocab_size:
         raise ValueError(f"student logits cover {student.config.output_vocab_size} ids but the teacher's cover "
                          f"{teacher.config.output_vocab_size}: pass the teacher's tokenizer (teacher_tokenizer=) for "
@@ -162,7 +163,8 @@ def _cross_vocabulary(tokenizer: Any, teacher_tokenizer: Any) -> bool:
 
 
 def _synthesize_cross(spec: EngineSpec, cfg: Mapping[str, Any], student: Decoder, teacher: Decoder, tokenizer: Any,
-                      teacher_tokenizer: Any, questions: Sequence[Any], progress: bool) -> Iterator[dict[str, Any]]:
+                      teacher_tokenizer: Any, questions: Sequence[Any], progress: bool,
+                      stats: EngineStats | None) -> Iterator[dict[str, Any]]:
     if spec.policy.token_top_k:
         raise ValueError(f"policy={spec.policy.name!r} compares the student's tokens with the teacher's top-k, which "
                          "has no meaning across vocabularies; use motab, its ablations, skd_step, teacher_only or "
@@ -186,13 +188,16 @@ def _synthesize_cross(spec: EngineSpec, cfg: Mapping[str, Any], student: Decoder
     jobs = [CrossJob(n, prompts[qi][1], prompts[qi][2], qi * samples + r) for n, (qi, r) in enumerate(queue)]
     student_eos = sorted(set(default_stop_tokens(student, tokenizer)) | {int(t) for t in cfg["extra_stop_tokens"]})
     teacher_eos = default_stop_tokens(teacher, teacher_tokenizer)
-    bar = tqdm(total=len(jobs), desc=f"synthesis ({spec.policy.name}, cross-vocabulary)", unit="traj",
+    bar = tqdm(total=len(jobs), desc=f"synthesis ({spec.policy.name}, text-level scoring)", unit="traj",
                disable=not progress)
+    encoding = EncoderStats()
+    if stats is not None:
+        stats.encoding = encoding
 
     def records() -> Iterator[dict[str, Any]]:
         try:
             for job, fields in run_cross_engine(spec, student, teacher, tokenizer, teacher_tokenizer, jobs, cfg,
-                                                student_eos=student_eos, teacher_eos=teacher_eos):
+                                                student_eos=student_eos, teacher_eos=teacher_eos, stats=encoding):
                 qi, r = queue[job.index]
                 bar.update(1)
                 yield {"id": items[qi].id, "sample_index": r, "prompt": prompts[qi][0], "policy": spec.policy.name,

@@ -21,6 +21,7 @@ from __future__ import annotations
 import codecs
 import dataclasses
 import re
+import time
 import weakref
 from typing import Any
 
@@ -40,6 +41,7 @@ class EncoderStats:
     calls: int = 0  # appends and truncations
     chars_encoded: int = 0  # characters passed to the tokenizer (the cost)
     full_encodes: int = 0  # changes the incremental path could not prove exact, re-encoded from the start
+    seconds: float = 0.0  # host time spent encoding
 
 
 class _Backend:
@@ -162,6 +164,13 @@ class IncrementalEncoder:
     def _reencode_from(self, piece: int, new_text: str) -> None:
         """Make the state encode `new_text`, which equals the current text up to pre-token `piece`'s start."""
         self.stats.calls += 1
+        began = time.perf_counter()
+        try:
+            self._reencode(piece, new_text)
+        finally:
+            self.stats.seconds += time.perf_counter() - began
+
+    def _reencode(self, piece: int, new_text: str) -> None:
         if not self._piece_chars:  # nothing encoded yet, or boundaries unknown (after a full re-encode)
             piece = start = first_id = 0
         else:
