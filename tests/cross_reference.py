@@ -92,7 +92,8 @@ class _Context:
 
 
 def cross_reference(student, teacher, s_tok, t_tok, student_prompt: list[int], teacher_prompt: str, s: CrossSettings,
-                    *, policy: str, eps0: float = 0.2, theta: float = 1.0, gamma: float = 0.9) -> dict:
+                    *, policy: str, eps0: float = 0.2, theta: float = 1.0, gamma: float = 0.9,
+                    first_token_unscored: bool = False, entropy_zero: bool = False) -> dict:
     """steps [(source, V_T or None, eps, H)], breach_step, root_step, finish, record_student_ids (the student's ids
     in the record, in order), teacher_ids (every id the teacher wrote, in order)."""
     fs, ft = _Forward(student), _Forward(teacher)
@@ -137,11 +138,11 @@ def cross_reference(student, teacher, s_tok, t_tok, student_prompt: list[int], t
                 break
         v_student = float(np.exp(np.mean(fs.logps(ids + step)[len(ids) - 1:])))
         before = t_tok.encode(ctx.text, add_special_tokens=False)
-        h = teacher_entropy(ctx.text)
+        h = 0.0 if entropy_zero else teacher_entropy(ctx.text)
         ctx.run += _bytes(s_tok, step)
         joint = t_tok.encode(ctx.text, add_special_tokens=False)
-        scored = ft.logps(joint)[len(before) - 1:]
-        value = float(np.exp(np.mean(scored))) if len(scored) else 1.0
+        scored = ft.logps(joint)[len(before) - 1 + int(first_token_unscored):]
+        value = float(np.exp(np.mean(scored))) if len(scored) else (0.0 if first_token_unscored else 1.0)
         eps = eps0 * float(np.exp(-theta * h)) if policy != "skd_step" else 0.0
         accept = value >= eps if policy != "skd_step" else value > gamma * v_student
         ids += step

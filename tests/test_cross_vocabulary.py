@@ -53,11 +53,17 @@ def _segment_ids(record: dict, source: str, field: str = "token_ids") -> list[in
 
 
 # The ablations take ~17 s each: in the slow set.
+ARTEFACTS = dict(first_token_unscored=True, entropy_zero=True)
+
+
 @pytest.mark.parametrize("policy", ["motab", "skd_step", "teacher_only"] + [
-    pytest.param(p, marks=pytest.mark.slow) for p in ("motab_no_backtrack", "motab_no_stitch", "motab_no_adaptive")])
+    pytest.param(p, marks=pytest.mark.slow) for p in ("motab_no_backtrack", "motab_no_stitch", "motab_no_adaptive",
+                                                      "motab+artefacts")])
 def test_cross_vocabulary_synthesis_equals_the_text_level_reference(policy):
     student, teacher, s_tok, t_tok = _pair()
-    cfg = dict(SETTINGS, policy=policy)
+    policy, _, artefacts = policy.partition("+")
+    flags = ARTEFACTS if artefacts else {}
+    cfg = dict(SETTINGS, policy=policy, **flags)
     records = {r["id"]: r for r in motab_jax.synthesize(student, teacher, s_tok, QUESTIONS, cfg, progress=False,
                                                         teacher_tokenizer=t_tok)}
     settings = CrossSettings(delimiter=".\n\n", student_eos=tuple(default_stop_tokens(student, s_tok)),
@@ -69,7 +75,7 @@ def test_cross_vocabulary_synthesis_equals_the_text_level_reference(policy):
         _, s_ids = question_prompt(s_tok, q["problem"], "", prompt_format="raw")
         t_text, _ = question_prompt(t_tok, q["problem"], "", prompt_format="raw")
         want = cross_reference(student, teacher, s_tok, t_tok, s_ids, t_text, settings, policy=policy,
-                               eps0=cfg["eps0"], theta=cfg["theta"])
+                               eps0=cfg["eps0"], theta=cfg["theta"], **flags)
         got = records[q["id"]]
         assert got["finish_reason"] == want["finish"], q
         assert (got["breach_step"], got["root_step"]) == (want["breach_step"], want["root_step"]), q
@@ -90,7 +96,7 @@ def test_cross_vocabulary_synthesis_equals_the_text_level_reference(policy):
         breaches.append(got["breach_step"])
     if policy.startswith("motab") or policy == "skd_step":
         assert any(breaches), "the settings must make the teacher intervene"
-    if policy == "motab":
+    if policy == "motab" and not flags:
         assert any(b and b > 1 for b in breaches), "some breach after step 1"
 
 
@@ -142,3 +148,20 @@ def test_text_scoring_equals_token_scoring_on_real_text():
         ["What is 12 times 7?", "Solve 3x + 5 = 20.", "How many primes are below 20?"])]
     cfg = dict(SETTINGS, policy="motab", eps0=1e-4, traj_cap=96, step_cap=32, max_prompt_len=96, prompt_format="chat")
     assert _text_vs_token_scoring(model, model, tok, questions, cfg) >= 5
+
+
+def test_the_released_codes_artefacts_are_flags():
+    """(a) the first teacher token of a step unscored, (b) H = 0 so eps = eps0: off by default, on when asked."""
+    student, teacher, s_tok, t_tok = _pair()
+    questions = QUESTIONS[:2]
+    cfg = dict(SETTINGS, policy="motab", eps0=1e-12)
+    plain = list(motab_jax.synthesize(student, teacher, s_tok, questions, cfg, progress=False, teacher_tokenizer=t_tok))
+    flagged = list(motab_jax.synthesize(student, teacher, s_tok, questions, dict(cfg, **ARTEFACTS), progress=False,
+                                        teacher_tokenizer=t_tok))
+    plain_steps = [s for r in plain for s in r["steps"]]
+    flagged_steps = [s for r in flagged for s in r["steps"]]
+    assert all(s["eps"] == pytest.approx(1e-12) and s["entropy"] == 0.0 for s in flagged_steps)
+    assert all(s["eps"] < 1e-12 for s in plain_steps)  # eps0 * exp(-H) with H > 0
+    assert [s["value"] for s in flagged_steps] != [s["value"] for s in plain_steps]
+    with pytest.raises(ValueError, match="scoring='text'"):
+        list(motab_jax.synthesize(student, student, s_tok, questions, dict(cfg, **ARTEFACTS), progress=False))

@@ -182,7 +182,7 @@ def test_killed_run_resumes_to_the_same_outputs(tiny_run, tmp_path):
         assert resumed[key] == uninterrupted[key], key
 
 
-@pytest.mark.parametrize("name", ["base", "demo", "limo", "acereason", "qwen3_8b_to_1p7b"])
+@pytest.mark.parametrize("name", ["base", "demo", "limo", "acereason", "qwen3_8b_to_1p7b", "qwen3_32b_to_llama3p2_3b"])
 def test_shipped_configs_load_and_the_paper_ones_validate(name):
     import importlib
 

@@ -90,6 +90,16 @@ class SynthesisConfig:
     paged_impl: str = knob("auto", rule="one of " + ", ".join(map(repr, PAGED_IMPLS)),
                            ok=lambda v: v in PAGED_IMPLS, doc="paged attention kernel")
     extra_stop_tokens: tuple[int, ...] = knob((), doc="token ids that also end a trajectory")
+    teacher_prompt_format: str = knob("", rule="'', 'chat' or 'raw'", ok=lambda v: v in ("", "chat", "raw"),
+                                      doc="text-level scoring: how the teacher's prompt is rendered with its own "
+                                          "tokenizer ('' = prompt_format)")
+    first_token_unscored: bool = knob(False, rule="True or False", ok=lambda v: isinstance(v, bool),
+                                      overridable=True,
+                                      doc="text-level scoring: reproduce the released code's artefact (a): V_T leaves "
+                                          "out the first teacher token of each step (a one-token step gets V_T = 0)")
+    entropy_zero: bool = knob(False, rule="True or False", ok=lambda v: isinstance(v, bool), overridable=True,
+                              doc="text-level scoring: reproduce the released code's artefact (b): H = 0, so the "
+                                  "boundary is eps0 for every step (not adaptive)")
     scoring: str = knob("auto", rule="'auto' or 'text'", ok=lambda v: v in ("auto", "text"), overridable=True,
                         doc="what the teacher scores: auto = the student's tokens when the models share a "
                             "vocabulary, its text otherwise; text = always the student's text re-encoded by the "

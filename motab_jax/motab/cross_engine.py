@@ -174,7 +174,7 @@ def run_cross_engine(spec: EngineSpec, student: Decoder, teacher: Decoder, stude
     slots: list[_Trajectory | None] = [None] * num_slots
     chunk = int(cfg["iterations_per_sync"])
     while queue or any(slots):
-        _admit(spec, sides, slots, queue, stats)
+        _admit(spec, sides, slots, queue, stats, cfg)
         _explore(spec, sides, slots, base, chunk)
         _judge(spec, sides, slots, cfg)
         _teach(spec, sides, slots, base, chunk, cfg)
@@ -208,7 +208,7 @@ def _keys(base: jax.Array, trajectories: list[_Trajectory | None], model: int) -
 
 
 def _admit(spec: EngineSpec, sides: dict[str, _Side], slots: list[_Trajectory | None], queue: list[CrossJob],
-           stats: EncoderStats) -> None:
+           stats: EncoderStats, cfg: Mapping[str, Any]) -> None:
     started: list[int] = []
     for i in range(len(slots)):
         if slots[i] is None and queue:
@@ -221,7 +221,7 @@ def _admit(spec: EngineSpec, sides: dict[str, _Side], slots: list[_Trajectory | 
     if spec.uses_teacher:
         out = sides["teacher"].feed({i: slots[i].teacher.ids for i in started}, {}, spec.entropy_top_k)
         for i in started:
-            slots[i].h_context = out[i][1]
+            slots[i].h_context = 0.0 if cfg["entropy_zero"] else out[i][1]
             slots[i].teacher_forwards += 1
     if not spec.policy.starts_with_teacher:
         sides["student"].feed({i: slots[i].student_ids[:-1] or slots[i].student_ids[:1] for i in started}, {},
@@ -312,14 +312,20 @@ def _judge(spec: EngineSpec, sides: dict[str, _Side], slots: list[_Trajectory | 
     for slot, traj in ended.items():
         before[slot] = len(traj.teacher.ids)
         traj.teacher.append_bytes(b"".join(sides["student"].text_bytes[t] for t in traj.step_ids))
-    scored = (sides["teacher"].feed({i: t.teacher.ids for i, t in ended.items()}, before, spec.entropy_top_k)
+    # The released code's artefact (a): the token at logprob_start_len comes back without a log-probability.
+    skip = 1 if cfg["first_token_unscored"] else 0
+    scored = (sides["teacher"].feed({i: t.teacher.ids for i, t in ended.items()},
+                                    {i: b + skip for i, b in before.items()}, spec.entropy_top_k)
               if policy.needs_teacher else {})
     for slot, traj in ended.items():
-        n_teacher = len(traj.teacher.ids) - before[slot]
+        n_teacher = len(traj.teacher.ids) - before[slot] - skip
         if policy.needs_teacher:
             traj.teacher_forwards += 1
             total, h_next = scored[slot]
-            value = float(np.exp(total / n_teacher)) if n_teacher else 1.0
+            # No scored token: the step added no teacher token (its bytes wait for the next character), or, under
+            # artefact (a), a one-token step, which the released code scores 0.
+            value = float(np.exp(total / n_teacher)) if n_teacher > 0 else (0.0 if skip else 1.0)
+            h_next = 0.0 if cfg["entropy_zero"] else h_next  # the released code's artefact (b)
         else:
             h_next, value = 0.0, float("nan")
         n_student = max(len(traj.step_logp), 1)
@@ -400,7 +406,7 @@ def _teach(spec: EngineSpec, sides: dict[str, _Side], slots: list[_Trajectory | 
         entropy = teacher.feed({i: t.teacher.ids for i, t in handed_back.items()}, {}, spec.entropy_top_k)
         sides["student"].feed({i: t.student_ids[:-1] for i, t in handed_back.items()}, {}, spec.entropy_top_k)
         for slot, traj in handed_back.items():
-            traj.h_context = entropy[slot][1]
+            traj.h_context = 0.0 if cfg["entropy_zero"] else entropy[slot][1]
             if len(traj.steps) >= spec.max_steps:
                 traj.mode, traj.finish = DONE, FINISH_MAX_STEPS
 

@@ -129,7 +129,11 @@ def synthesize(student: Decoder, teacher: Decoder, tokenizer: Any, questions: Se
     spec = engine_spec(cfg)
     if tokenizer is None:
         raise ValueError("synthesis needs the student's tokenizer")
-    if cfg["scoring"] == "text" or _cross_vocabulary(tokenizer, teacher_tokenizer):
+    text_level = cfg["scoring"] == "text" or _cross_vocabulary(tokenizer, teacher_tokenizer)
+    if not text_level and (cfg["first_token_unscored"] or cfg["entropy_zero"]):
+        raise ValueError("first_token_unscored / entropy_zero reproduce the released code's text-level scoring: set "
+                         "scoring='text' (or use a teacher with another tokenizer)")
+    if text_level:
         return _synthesize_cross(spec, cfg, student, teacher, tokenizer, teacher_tokenizer or tokenizer, questions,
                                  progress, stats)
     if student.config.output_vocab_size != teacher.config.output_vocab_size:
@@ -183,7 +187,7 @@ def _synthesize_cross(spec: EngineSpec, cfg: Mapping[str, Any], student: Decoder
             raise ValueError(f"question {items[qi].id}: prompt_ids are in one vocabulary; a teacher with another "
                              "tokenizer needs the question as text")
         teacher_text, _ = question_prompt(teacher_tokenizer, items[qi].text, cfg["instruction"],
-                                          prompt_format=cfg["prompt_format"])
+                                          prompt_format=cfg["teacher_prompt_format"] or cfg["prompt_format"])
         prompts[qi] = (text, ids, teacher_text)
     jobs = [CrossJob(n, prompts[qi][1], prompts[qi][2], qi * samples + r) for n, (qi, r) in enumerate(queue)]
     student_eos = sorted(set(default_stop_tokens(student, tokenizer)) | {int(t) for t in cfg["extra_stop_tokens"]})
