@@ -62,13 +62,17 @@ def test_unknown_field_is_named():
 
 def test_overridable_fields():
     assert set(OVERRIDABLE) == {"eps0", "theta", "gamma", "token_top_k", "entropy_top_k", "temperature",
-                                "teacher_temperature", "draft_temperature", "top_p", "revise", "seed"}
+                                "teacher_temperature", "draft_temperature", "top_p", "revise", "seed", "scoring",
+                                "first_token_unscored", "entropy_zero"}
 
 
 def test_convert_override():
     assert convert_override("gamma", "0.7") == 0.7
     assert convert_override("seed", "3") == 3 and isinstance(convert_override("seed", "3"), int)
     assert convert_override("revise", "Wait,") == "Wait,"
+    assert convert_override("scoring", "text") == "text" and convert_override("entropy_zero", "true") is True
+    with pytest.raises(ValueError, match=r"entropy_zero='yes' is not a boolean"):
+        convert_override("entropy_zero", "yes")
     with pytest.raises(ValueError, match=r"theta='x' is not a number"):
         convert_override("theta", "x")
     with pytest.raises(ValueError, match=r"token_top_k='2\.5' is not an integer"):

@@ -52,8 +52,9 @@ class SynthesisConfig:
     entropy_top_k: int = knob(20, rule=_POSITIVE, ok=_integer(1), overridable=True,
                               doc="top-k logits the step entropy is computed over")
     draft_len: int = knob(8, rule=_POSITIVE, ok=_integer(1), doc="student tokens drafted per verify chunk")
-    num_slots: int = knob(8, rule=_POSITIVE, ok=_integer(1), doc="trajectories decoded at once, over all engine groups (mesh.data; "
-                                                                  "rounded up to a multiple of it)")
+    num_slots: int = knob(8, rule=_POSITIVE, ok=_integer(1),
+                          doc="trajectories decoded at once, over all engine groups (mesh.data; rounded up to a "
+                              "multiple of it)")
     step_cap: int = knob(8192, rule=_POSITIVE, ok=_integer(1), doc="most tokens in one reasoning step")
     traj_cap: int = knob(32768, rule=_POSITIVE, ok=_integer(1), doc="most tokens in one trajectory")
     teacher_min_budget: int = knob(256, rule=_POSITIVE, ok=_integer(1),

@@ -97,11 +97,7 @@ class _Side:
         b = len(self.held)
         plans = {}
         for slot, target in targets.items():
-            held = self.held[slot]
-            same = 0
-            limit = min(len(held), len(target))
-            while same < limit and held[same] == target[same]:
-                same += 1
+            same = _common_prefix(self.held[slot], target)
             start = min(same, len(target) - 1)  # feed at least the last id: its logits give the entropy
             if slot in score_from:
                 start = min(start, score_from[slot] - 1)
@@ -123,6 +119,18 @@ class _Side:
         for slot, target in targets.items():
             self.held[slot] = list(target)
         return {slot: (float(sums[slot]), float(entropy[slot])) for slot in targets}
+
+
+def _common_prefix(a: list[int], b: list[int], tail: int = 64) -> int:
+    """Length of the common prefix of two id lists. Contexts change near their end (a seam, a rewind), so the
+    prefix up to `tail` ids before the shorter end is compared at C speed and only the tail id by id."""
+    n = min(len(a), len(b))
+    i = max(n - tail, 0)
+    if a[:i] != b[:i]:
+        i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
 
 
 @dataclasses.dataclass

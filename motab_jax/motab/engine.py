@@ -235,7 +235,8 @@ def run_iterations(spec: EngineSpec, student_def: Any, teacher_def: Any, student
 
         def cond(carry):
             i, st = carry
-            return (i < max_iterations) & over_all(jnp.any(st.live)) & ~(stop_on_finish & over_all(jnp.any(st.finished)))
+            finished = stop_on_finish & over_all(jnp.any(st.finished))
+            return (i < max_iterations) & over_all(jnp.any(st.live)) & ~finished
 
         def body(carry):
             i, st = carry

