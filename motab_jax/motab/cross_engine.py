@@ -31,11 +31,12 @@ from flax import nnx
 
 from motab_jax.models.loading import resharded
 from motab_jax.models.paged_cache import PageAllocator
-from motab_jax.models.sharding import SAMPLING_RULES
+from motab_jax.models.sharding import SAMPLING_RULES, data_groups
 from motab_jax.models.transformer import Decoder
 from motab_jax.motab.cross_device import RUNNING, STOP_BUDGET, STOP_EOS, DecodeRows, decode, feed
 from motab_jax.motab.cross_records import StepRecord, build_cross_record
 from motab_jax.motab.delimiter import build_delimiter_tables
+from motab_jax.motab.driver import model_mesh
 from motab_jax.motab.engine import EngineSpec
 from motab_jax.motab.state import FINISH_EOS, FINISH_LENGTH, FINISH_MAX_STEPS, FINISH_TEACHER_BUDGET
 from motab_jax.motab.transition import EngineTables, root_cause
@@ -74,9 +75,9 @@ class _Side:
               eos: Sequence[int], paged_impl: str) -> _Side:
         model_def, params = nnx.split(model)
         cache = model.init_paged_cache(num_slots, max_len, page_size=page_size, impl=paged_impl)
-        sharding = jax.tree.leaves(params)[0].sharding
-        if isinstance(sharding, jax.sharding.NamedSharding):  # pools split over KV heads like the weights
-            cache = cache.placed(sharding.mesh, SAMPLING_RULES)
+        mesh = model_mesh(model)
+        if mesh is not None:  # pools split over KV heads like the weights
+            cache = cache.placed(mesh, SAMPLING_RULES)
         vocab = model.config.output_vocab_size
         table = token_bytes_table(tokenizer)[:vocab]
         table = table + [b""] * (vocab - len(table))
@@ -201,10 +202,9 @@ def run_cross_engine(spec: EngineSpec, student: Decoder, teacher: Decoder, stude
 def _first_group(model: Decoder) -> Decoder:
     """The model on the first engine group of its mesh (data index 0): this engine runs one group; computing the
     same slots on every data replica would only repeat the work."""
-    sharding = jax.tree.leaves(nnx.state(model, nnx.Param))[0].sharding
-    if not isinstance(sharding, jax.sharding.NamedSharding) or sharding.mesh.shape.get("data", 1) == 1:
+    mesh = model_mesh(model)
+    if data_groups(mesh) == 1:
         return model
-    mesh = sharding.mesh
     group = jax.sharding.Mesh(mesh.devices[:1], mesh.axis_names)
     log.info("cross-vocabulary synthesis runs one engine group (%d of the %d devices)", group.size, mesh.size)
     return resharded(model, SAMPLING_RULES, group)

@@ -78,9 +78,14 @@ def _mesh_of(params: Any) -> Mesh | None:
     return sharding.mesh if isinstance(sharding, NamedSharding) else None
 
 
+def model_mesh(model: Decoder) -> Mesh | None:
+    """The mesh `model`'s parameters are placed on (None: one device, no mesh)."""
+    return _mesh_of(nnx.state(model, nnx.Param))
+
+
 def engine_groups(model: Decoder) -> int:
     """Engine groups the engine runs `model` in: the data axis of its parameters' mesh (1 on one device)."""
-    return data_groups(_mesh_of(nnx.state(model, nnx.Param)))
+    return data_groups(model_mesh(model))
 
 
 def _commit(cache: PagedKVCache, table: np.ndarray) -> PagedKVCache:
