@@ -165,3 +165,24 @@ def test_the_released_codes_artefacts_are_flags():
     assert [s["value"] for s in flagged_steps] != [s["value"] for s in plain_steps]
     with pytest.raises(ValueError, match="scoring='text'"):
         list(motab_jax.synthesize(student, student, s_tok, questions, dict(cfg, **ARTEFACTS), progress=False))
+
+
+@pytest.mark.slow
+def test_the_teachers_continuation_follows_its_distribution():
+    """Teacher-only across vocabularies at temperature 1: the first token of 400 independent trajectories against
+    the teacher's softmax after its own encoding of the prompt (chi-square)."""
+    from test_sampling import _chi_square_pvalue
+
+    student, teacher, s_tok, t_tok = _pair()
+    cfg = dict(SETTINGS, policy="teacher_only", teacher_temperature=1.0, top_p=1.0, traj_cap=1, num_slots=64,
+               samples_per_question=400, seed=3)
+    records = list(motab_jax.synthesize(student, teacher, s_tok, QUESTIONS[:1], cfg, progress=False,
+                                        teacher_tokenizer=t_tok))
+    first = np.asarray([r["segments"][0]["teacher_token_ids"][0] for r in records])
+    prompt = t_tok.encode(records[0]["teacher_prompt"], add_special_tokens=False)
+    logits = np.asarray(teacher(np.asarray([prompt], np.int32)))[0, -1].astype(np.float64)
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
+    counts = np.bincount(first, minlength=probs.size).astype(np.float64)
+    assert len(records) == 400 and len(set(first.tolist())) > 5
+    assert _chi_square_pvalue(counts, probs) > 1e-3
