@@ -25,8 +25,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import motab_jax  # noqa: E402
+from motab_jax.eval.benchmarks import DATA_DIR  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "math500.jsonl"
+DATA = DATA_DIR / "math500.jsonl"  # bundled with the package
 
 
 def main() -> None:

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from motab_jax.eval.benchmarks import DATA_DIR  # the bundled benchmark files (MATH-500 with solutions)
 from motab_jax.text import qwen_tokenizer
 from motab_jax.text.incremental import IncrementalEncoder
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 O200K_URL = "https://openaipublic.blob.core.windows.net/encodings/o200k_base.tiktoken"
 
 # Seams where the joint encoding differs from the concatenation of the parts' encodings, or text that stresses a
@@ -32,7 +32,7 @@ ADVERSARIAL = [
 
 
 def _texts(n: int = 60) -> list[str]:
-    rows = [json.loads(line) for line in (DATA / "math500.jsonl").read_text().splitlines()[:n]]
+    rows = [json.loads(line) for line in (DATA_DIR / "math500.jsonl").read_text().splitlines()[:n]]
     return [r["solution"] for r in rows]
 
 
