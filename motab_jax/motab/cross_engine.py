@@ -35,7 +35,6 @@ from motab_jax.models.sharding import SAMPLING_RULES, data_groups
 from motab_jax.models.transformer import Decoder
 from motab_jax.motab.cross_device import RUNNING, STOP_BUDGET, STOP_EOS, DecodeRows, decode, feed
 from motab_jax.motab.cross_records import StepRecord, build_cross_record
-from motab_jax.motab.delimiter import build_delimiter_tables
 from motab_jax.motab.driver import model_mesh
 from motab_jax.motab.engine import EngineSpec
 from motab_jax.motab.state import FINISH_EOS, FINISH_LENGTH, FINISH_MAX_STEPS, FINISH_TEACHER_BUDGET
@@ -79,14 +78,12 @@ class _Side:
         if mesh is not None:  # pools split over KV heads like the weights
             cache = cache.placed(mesh, SAMPLING_RULES)
         vocab = model.config.output_vocab_size
-        table = token_bytes_table(tokenizer)[:vocab]
-        table = table + [b""] * (vocab - len(table))
-        delim = build_delimiter_tables(table, delimiter)
-        tables = EngineTables(jnp.asarray(delim.next_state), jnp.asarray(delim.completes),
-                              jnp.asarray(sorted(set(int(t) for t in eos)) or [-1], jnp.int32))
-        text = [b"" if special else t for t, special in zip(table, special_token_mask(tokenizer).tolist()
-                                                              + [False] * (vocab - len(tokenizer)))]
-        return cls(model_def, params, cache, PageAllocator.for_cache(cache), tables, tokenizer, text[:vocab],
+        table = token_bytes_table(tokenizer)
+        tables = EngineTables.build(table, vocab, delimiter, eos)
+        special = special_token_mask(tokenizer).tolist()
+        # Ids past the tokenizer's vocabulary (padded logits) add no text.
+        text = [b"" if s else t for t, s in zip(table[:vocab], special)] + [b""] * (vocab - len(table))
+        return cls(model_def, params, cache, PageAllocator.for_cache(cache), tables, tokenizer, text,
                    [[] for _ in range(num_slots)])
 
     def feed(self, targets: dict[int, list[int]], score_from: dict[int, int], entropy_top_k: int

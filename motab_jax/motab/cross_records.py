@@ -51,7 +51,8 @@ def build_cross_record(traj: _Trajectory, student_tokenizer: Any, teacher_tokeni
     """Record fields of a finished trajectory (the caller adds id, sample index, prompts and policy name)."""
     segments: list[dict[str, Any]] = []
     stitched = policy.stitch and policy.teacher_writes == "until_end" and bool(traj.breach_step)
-    for step in _record_steps(traj, policy):
+    record_steps = _record_steps(traj, policy)
+    for step in record_steps:
         if step.source == "teacher" and not step.student_ids and step.teacher_ids:
             step.student_ids = list(student_tokenizer(_text(teacher_tokenizer, step.teacher_ids),
                                                       add_special_tokens=False)["input_ids"])
@@ -76,7 +77,7 @@ def build_cross_record(traj: _Trajectory, student_tokenizer: Any, teacher_tokeni
         elif segment["source"] == "teacher":
             segment["text"] = _text(teacher_tokenizer, segment["teacher_token_ids"])
     steps, offset = [], 0
-    in_record = {id(s) for s in _record_steps(traj, policy)}
+    in_record = {id(s) for s in record_steps}
     for step in traj.steps:
         if not step.is_step:
             continue

@@ -13,7 +13,6 @@ import logging
 from typing import Any, Iterator, Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 from tqdm.auto import tqdm
 
@@ -23,7 +22,6 @@ from motab_jax.models.paged_cache import kv_bytes_per_token
 from motab_jax.models.transformer import Decoder
 from motab_jax.motab.config import resolve_config
 from motab_jax.motab.cross_engine import CrossJob, run_cross_engine
-from motab_jax.motab.delimiter import build_delimiter_tables
 from motab_jax.motab.driver import EngineStats, Job, engine_groups, run_engine
 from motab_jax.motab.engine import EngineSpec
 from motab_jax.motab.policies import Policy, make_policy
@@ -141,6 +139,18 @@ def synthesize(student: Decoder, teacher: Decoder, tokenizer: Any, questions: Se
                          f"{teacher.config.output_vocab_size}: pass the teacher's tokenizer (teacher_tokenizer=) for "
                          "a teacher with another vocabulary")
     items = parse_questions(questions)
+    queue, encoded = _pending(items, tokenizer, cfg)
+    weights, groups = weight_bytes(student, teacher), engine_groups(student)
+    pool = synthesis_pool(cfg, student.config, teacher.config, uses_teacher=spec.uses_teacher, weight_bytes=weights,
+                          device_bytes=loaded_budget(weights, groups), groups=groups)
+    records = _run(spec, cfg, pool, student, teacher, tokenizer, items, queue, encoded, progress, stats)
+    return append_records(cfg["output_path"], records) if cfg["output_path"] else records
+
+
+def _pending(items: list[Question], tokenizer: Any, cfg: Mapping[str, Any]
+             ) -> tuple[list[tuple[int, int]], dict[int, tuple[str, list[int]]]]:
+    """The (question, sample index) pairs not yet in `output_path` (resume), and the prompt (text, ids) of each of
+    their questions, every one within max_prompt_len."""
     done = read_done(cfg["output_path"]) if cfg["output_path"] else set()
     queue = [(qi, r) for qi, q in enumerate(items) for r in range(cfg["samples_per_question"])
              if (q.id, r) not in done]
@@ -149,11 +159,12 @@ def synthesize(student: Decoder, teacher: Decoder, tokenizer: Any, questions: Se
         if len(ids) > cfg["max_prompt_len"]:
             raise ValueError(f"question {items[qi].id}: prompt has {len(ids)} tokens > max_prompt_len="
                              f"{cfg['max_prompt_len']}; raise max_prompt_len or shorten the question")
-    weights, groups = weight_bytes(student, teacher), engine_groups(student)
-    pool = synthesis_pool(cfg, student.config, teacher.config, uses_teacher=spec.uses_teacher, weight_bytes=weights,
-                          device_bytes=loaded_budget(weights, groups), groups=groups)
-    records = _run(spec, cfg, pool, student, teacher, tokenizer, items, queue, encoded, progress, stats)
-    return append_records(cfg["output_path"], records) if cfg["output_path"] else records
+    return queue, encoded
+
+
+def _stop_tokens(student: Decoder, tokenizer: Any, cfg: Mapping[str, Any]) -> list[int]:
+    """What ends a student trajectory: the model's and tokenizer's end-of-sequence ids and `extra_stop_tokens`."""
+    return sorted(set(default_stop_tokens(student, tokenizer)) | {int(t) for t in cfg["extra_stop_tokens"]})
 
 
 def _cross_vocabulary(tokenizer: Any, teacher_tokenizer: Any) -> bool:
@@ -174,15 +185,10 @@ def _synthesize_cross(spec: EngineSpec, cfg: Mapping[str, Any], student: Decoder
                          "has no meaning across vocabularies; use motab, its ablations, skd_step, teacher_only or "
                          "student_only with this teacher")
     items = parse_questions(questions)
-    done = read_done(cfg["output_path"]) if cfg["output_path"] else set()
     samples = cfg["samples_per_question"]
-    queue = [(qi, r) for qi, q in enumerate(items) for r in range(samples) if (q.id, r) not in done]
+    queue, encoded = _pending(items, tokenizer, cfg)
     prompts = {}
-    for qi in sorted({qi for qi, _ in queue}):
-        text, ids = _encode(tokenizer, items[qi], cfg)
-        if len(ids) > cfg["max_prompt_len"]:
-            raise ValueError(f"question {items[qi].id}: prompt has {len(ids)} tokens > max_prompt_len="
-                             f"{cfg['max_prompt_len']}; raise max_prompt_len or shorten the question")
+    for qi, (text, ids) in encoded.items():
         if items[qi].prompt_ids:
             raise ValueError(f"question {items[qi].id}: prompt_ids are in one vocabulary; a teacher with another "
                              "tokenizer needs the question as text")
@@ -190,7 +196,7 @@ def _synthesize_cross(spec: EngineSpec, cfg: Mapping[str, Any], student: Decoder
                                           prompt_format=cfg["teacher_prompt_format"] or cfg["prompt_format"])
         prompts[qi] = (text, ids, teacher_text)
     jobs = [CrossJob(n, prompts[qi][1], prompts[qi][2], qi * samples + r) for n, (qi, r) in enumerate(queue)]
-    student_eos = sorted(set(default_stop_tokens(student, tokenizer)) | {int(t) for t in cfg["extra_stop_tokens"]})
+    student_eos = _stop_tokens(student, tokenizer, cfg)
     teacher_eos = default_stop_tokens(teacher, teacher_tokenizer)
     bar = tqdm(total=len(jobs), desc=f"synthesis ({spec.policy.name}, text-level scoring)", unit="traj",
                disable=not progress)
@@ -215,11 +221,8 @@ def _synthesize_cross(spec: EngineSpec, cfg: Mapping[str, Any], student: Decoder
 def _run(spec: EngineSpec, cfg: Mapping[str, Any], pool: PoolPlan, student: Decoder, teacher: Decoder, tokenizer: Any,
          items: list[Question], queue: list[tuple[int, int]], encoded: dict[int, tuple[str, list[int]]],
          progress: bool, stats: EngineStats | None) -> Iterator[dict[str, Any]]:
-    vocab = student.config.output_vocab_size
-    table = token_bytes_table(tokenizer)[:vocab]
-    delim = build_delimiter_tables(table + [b""] * (vocab - len(table)), cfg["delimiter"])
-    eos = sorted(set(default_stop_tokens(student, tokenizer)) | {int(t) for t in cfg["extra_stop_tokens"]})
-    tables = EngineTables(jnp.asarray(delim.next_state), jnp.asarray(delim.completes), jnp.asarray(eos, jnp.int32))
+    tables = EngineTables.build(token_bytes_table(tokenizer), student.config.output_vocab_size, cfg["delimiter"],
+                                _stop_tokens(student, tokenizer, cfg))
     samples = cfg["samples_per_question"]
     # Keys depend on the trajectory (question, sample index), not on its slot.
     jobs = [Job(n, tuple(encoded[qi][1]), qi * samples + r) for n, (qi, r) in enumerate(queue)]

@@ -18,11 +18,12 @@ that no longer holds).
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 
+from motab_jax.motab.delimiter import build_delimiter_tables
 from motab_jax.motab.state import (
     DONE,
     EXPLORE,
@@ -47,6 +48,15 @@ class EngineTables:
     next_state: jax.Array  # [num_states, V] int32: delimiter automaton
     completes: jax.Array  # [num_states, V] bool
     eos: jax.Array  # [num_eos] int32
+
+    @classmethod
+    def build(cls, token_bytes: Sequence[bytes], vocab: int, delimiter: str, eos: Sequence[int]) -> EngineTables:
+        """The tables of a model whose logits cover `vocab` ids: `token_bytes` per id (`text.token_bytes_table`;
+        ids past it have no bytes), the step `delimiter`, the stop ids `eos`."""
+        table = list(token_bytes[:vocab]) + [b""] * (vocab - len(token_bytes))
+        delim = build_delimiter_tables(table, delimiter)
+        return cls(jnp.asarray(delim.next_state), jnp.asarray(delim.completes),
+                   jnp.asarray(sorted(set(int(t) for t in eos)) or [-1], jnp.int32))
 
 
 class Token(NamedTuple):
