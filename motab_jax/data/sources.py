@@ -20,6 +20,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
+from motab_jax.errors import MotabInputError
 
 __all__ = ["Example", "InvalidRecordError", "ReadStats", "parse_record", "read_examples"]
 
@@ -30,7 +31,7 @@ _FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
 _MAX_KEPT_ERRORS = 10
 
 
-class InvalidRecordError(ValueError):
+class InvalidRecordError(MotabInputError):
     """A record that cannot become an `Example`; the message starts with `<file>:<line>:` (or `row N`)."""
 
 

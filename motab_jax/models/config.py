@@ -12,6 +12,7 @@ import math
 from typing import Any, Literal, get_args
 
 import numpy as np
+from motab_jax.errors import MotabInputError
 
 SUPPORTED_MODEL_TYPES: dict[str, str] = {
     "llama": "LlamaForCausalLM",  # Llama 2/3.x, SmolLM/SmolLM2, any Llama-architecture checkpoint
@@ -24,7 +25,7 @@ AttentionImpl = Literal["auto", "xla", "jax", "cudnn", "splash", "pallas_gpu"]
 DTYPES = {"float32": np.float32, "bfloat16": "bfloat16", "float16": np.float16}
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(MotabInputError):
     """The checkpoint uses an architecture or option this package does not implement."""
 
 

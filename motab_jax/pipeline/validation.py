@@ -29,6 +29,7 @@ from motab_jax.pipeline.memory import (available_memory, format_bytes, generatio
 from motab_jax.pipeline.policy_runs import policy_runs
 from motab_jax.train.losses import LOSSES
 from motab_jax.train.optimizer import optimizer_problems
+from motab_jax.errors import MotabInputError
 
 log = logging.getLogger("motab_jax")
 
@@ -36,7 +37,7 @@ STAGE_NAMES = ("models", "pretrain", "synthesize", "sft", "kd", "eval")
 _TRAIN_SECTIONS = ("sft", "kd")
 
 
-class ConfigError(ValueError):
+class ConfigError(MotabInputError):
     """The configuration is invalid; the message lists every problem found."""
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from motab_jax.errors import MotabInputError
 
 __all__ = ["TOKENIZER_FILES", "VocabularyMismatchError", "check_shared_vocabulary", "load_tokenizer"]
 
@@ -44,7 +45,7 @@ def load_tokenizer(path: str | os.PathLike[str], **kwargs: Any) -> PreTrainedTok
     return AutoTokenizer.from_pretrained(str(folder), **kwargs)
 
 
-class VocabularyMismatchError(ValueError):
+class VocabularyMismatchError(MotabInputError):
     """Raised when two tokenizers that must share a vocabulary do not."""
 
 
