@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import os
+import random
+import subprocess
+import sys
+import textwrap
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
 from motab_jax.eval.grading import (
-    MAX_COMPLETION_CHARS, GradingPool, extract_choice_letter, extract_last_number, extracted_answer, grade_choice,
+    LOOP_MAX_UNIT_CHARS, LOOP_WINDOW_CHARS, MAX_ANCHORED_ANSWER_CHARS, MAX_COMPLETION_CHARS, GradingPool,
+    anchored_answer, ends_in_loop, extract_choice_letter, extract_last_number, extracted_answer, grade, grade_choice,
     grade_gsm8k, grade_math, grade_one, last_boxed_content, strip_thinking)
 
 MATH_CASES = [  # (completion, gold, equivalent)
@@ -206,3 +213,139 @@ def test_pool_rejects_unknown_kind() -> None:
         assert pool._workers == []  # checked before any worker was started
     with pytest.raises(ValueError):
         GradingPool(num_workers=0)
+
+
+# ----------------------------------------------------------------------------- public graders are bounded
+PUBLIC = {"math": grade_math, "gsm8k": grade_gsm8k, "choice": grade_choice}
+
+
+def test_public_graders_return_within_their_timeout_on_pathological_inputs() -> None:
+    grade("math", r"\boxed{2}", "2")  # the shared worker is up: what follows times grading, not its start-up
+    # The issue's report: this call did not return within 90 s before the public graders had a timeout.
+    start = time.monotonic()
+    assert grade_math("\\boxed{9^{9^{9^{9^{9^{9}}}}}}", "1", timeout=1.0) is False
+    assert time.monotonic() - start < 1.0 + 5.0
+    for kind, text in PATHOLOGICAL:
+        start = time.monotonic()
+        assert PUBLIC[kind](text, "7", timeout=1.0) is False, (kind, text[:40])
+        # 1 s of grading, plus the start-up of the worker replacing one killed by the previous item's timeout.
+        assert time.monotonic() - start < 1.0 + 30.0, (kind, text[:40])
+    assert grade_math(r"\boxed{\frac12}", "0.5") and grade_gsm8k("so 18", "#### 18") and grade_choice("Answer: B", "B")
+
+
+def test_grade_tells_a_timeout_from_a_wrong_answer() -> None:
+    hung = grade("math", HANG, "1", timeout=1.0)
+    assert (hung.correct, hung.timed_out, hung.error) == (False, True, "timed out after 1 s")
+    wrong = grade("math", r"\boxed{3}", "4", timeout=1.0)
+    assert (wrong.correct, wrong.timed_out, wrong.extracted, wrong.error) == (False, False, "3", None)
+    right = grade("choice", r"\boxed{\text{(C)}}", "c")
+    assert (right.correct, right.timed_out, right.extracted) == (True, False, "C")
+    # timeout=None grades in this process, without a bound.
+    assert grade("math", r"\boxed{2}", "2", timeout=None) == grade_one("math", r"\boxed{2}", "2")
+    for bad in (0, -1.0, True, "5"):
+        with pytest.raises(ValueError, match="timeout"):
+            grade("math", r"\boxed{2}", "2", timeout=bad)
+    with pytest.raises(ValueError, match="unknown grading kind"):
+        grade("essay", "x", "y")
+    # Calls from several threads take turns on the shared worker.
+    results: dict[int, bool] = {}
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, grade_gsm8k(f"so {i}", str(i))))
+               for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == {i: True for i in range(8)}
+
+
+def test_graders_work_from_a_script_without_a_main_guard(tmp_path: Path) -> None:
+    # Workers are fresh interpreters, not multiprocessing children: those re-import a script's __main__ module,
+    # which re-ran this top-level code in every worker and, with no main guard, made them all fail to start.
+    script = tmp_path / "notebook_like.py"
+    script.write_text(textwrap.dedent("""
+        print("top level ran")
+        from motab_jax.eval.grading import grade
+        print(grade("math", "The answer is 1/2.", "0.5").correct, grade("gsm8k", "it costs $18", "18").correct)
+    """))
+    repo = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")])))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split("\n")[:2] == ["top level ran", "True True"], out.stdout
+
+
+# ----------------------------------------------------------------------------- degenerate outputs
+DEGENERATE = [  # (completion, gold): none has a final answer, each ends in the gold's digits
+    ("1 " * 500_000, "1"),  # a megabyte of one token
+    ("1+" * 500_000 + "1", "1"),
+    ("+1" * 500_000, "1"),
+    ("1" * 10**6, "1"),
+    ("x = 1\n" * 100_000, "1"),
+    ("So the answer is 1. " * 50_000, "1"),  # repetitive: anchored, but a loop
+    ("The answer is 1.\n" * 1_000, "1"),
+    ("Therefore, the answer is " + "1, " * 2_000, "1"),
+    # Truncated mid-reasoning: the last number is whatever came last.
+    ("We compute 3 * 4 = 12, and then 12 + 5 = 17, and then we need to divide by 1", "1"),
+    ("Let me try $x = 2$: then $2^2 = 4$. Now with $x = 1$", "1"),
+    (r"The area is \boxed{\frac{1}{2} \cdot 1", "1"),  # a cut-off box
+    ("I think the answer is going to be small. Let's check 1", "1"),  # the last statement has no answer
+]
+ANCHORED = [  # (completion, gold, expected): unboxed final-answer statements (EvalScope anchors the same phrases)
+    ("The answer is 42.", "42", True),  # EvalScope: after "he answer is": "42"
+    ("Adding up, the final answer is $\\frac{3}{4}$. I hope it is correct.", "0.75", True),
+    ("**Answer:** 7", "7", True),
+    ("Answer: 1/2", "0.5", True),
+    ("So the answer is 3.5.", "3.5", True),
+    ("So, the answer is $x = 5$.", "5", True),
+    ("The answer is 1,000, as computed.", "1000", True),
+    ("答案是 12", "12", True),
+    ("The answer is 41.", "42", False),
+    ("The answer is 1.\n\nWait, no: 2 + 2 = 4, so the answer is 4.", "4", True),  # the last statement counts
+    ("The answer is 1.\n\nWait, no: 2 + 2 = 4, so the answer is 4.", "1", False),
+]
+
+
+@pytest.mark.parametrize("completion,gold", DEGENERATE, ids=range(len(DEGENERATE)))
+def test_degenerate_repetitive_and_truncated_outputs_are_wrong(completion: str, gold: str) -> None:
+    result = grade_one("math", completion, gold)
+    assert (result.correct, result.error) == (False, None), result
+
+
+@pytest.mark.parametrize("completion,gold,expected", ANCHORED, ids=range(len(ANCHORED)))
+def test_unboxed_final_answer_statements_are_found(completion: str, gold: str, expected: bool) -> None:
+    assert grade_one("math", completion, gold).correct is expected
+
+
+def test_what_the_fallback_may_extract() -> None:
+    assert anchored_answer("The answer is 42.") == "42"
+    minerva = "Final Answer: The final answer is $\\dfrac{1}{2}$. I hope it is correct."
+    assert anchored_answer(minerva) == "\\dfrac{1}{2}"
+    assert anchored_answer("So the answer is **3**, done") == "3"
+    assert anchored_answer("Therefore $x = 5$.") is None  # no statement: EvalScope's last-number fallback is not used
+    assert anchored_answer("the answer is " + "9" * MAX_ANCHORED_ANSWER_CHARS) == "9" * MAX_ANCHORED_ANSWER_CHARS
+    assert anchored_answer("the answer is " + "9" * (MAX_ANCHORED_ANSWER_CHARS + 1)) is None
+    assert anchored_answer("the answer is\n42") is None  # the answer is on the statement's line
+    assert extracted_answer("math", "Therefore $x = 5$.") is None
+    assert extracted_answer("math", "The answer is $\\frac{1}{2}$, so...") == "\\frac{1}{2}"
+    # GSM8K keeps its last-number convention, GPQA its letter search, except on a loop.
+    assert grade_gsm8k("We compute 3 * 4 = 12, so 18", "18", timeout=None)
+    assert not grade_gsm8k("18 " * 1000, "18", timeout=None)
+    assert grade_gsm8k(r"\boxed{18} " * 1000, "18", timeout=None)  # a boxed answer is an answer
+    assert extract_choice_letter("I pick (B)") == "B" and extract_choice_letter("(B) " * 1000) is None
+    assert extract_choice_letter(r"\boxed{B} " * 1000) == "B"
+
+
+def test_ends_in_loop_boundaries() -> None:
+    rng = random.Random(0)
+
+    def unit(n: int) -> str:  # a unit with no shorter period
+        return "".join(rng.choice("abcdefghij ") for _ in range(n - 1)) + "!"
+
+    w, p = LOOP_WINDOW_CHARS, LOOP_MAX_UNIT_CHARS
+    assert ends_in_loop("12" * (w // 2 + 1)) and not ends_in_loop("12" * (w // 2) + "1")  # needs w + p characters
+    assert ends_in_loop("intro " + unit(p) * (w // p + 1) + "  \n")  # the longest unit (trailing space aside)
+    assert not ends_in_loop(unit(p + 1) * (2 * w // p))  # a longer unit is not a loop
+    assert ends_in_loop(("So the answer is 1. " * 60)[:-7])  # cut mid-unit: still a loop
+    natural = " ".join(f"step {i}: {i} * {i} = {i * i}." for i in range(200))
+    assert len(natural) > 2 * w and not ends_in_loop(natural)
+    assert not ends_in_loop(natural + "1 " * 400)  # a short run at the end is not the whole window

@@ -8,7 +8,7 @@ from itertools import combinations
 
 import pytest
 
-from motab_jax.eval.metrics import avg_at_k, majority_vote, pass_at_k, summarize
+from motab_jax.eval.metrics import avg_at_k, length_summary, length_table, majority_vote, pass_at_k, summarize
 
 
 def _brute_pass_at_k(n: int, c: int, k: int) -> Fraction:
@@ -110,3 +110,53 @@ def test_summarize_single_problem_and_errors() -> None:
         summarize([{"correct": [True]}])
     with pytest.raises(ValueError, match="answers"):
         summarize([{"correct": [True, False], "answers": ["1"]}])
+
+
+# ----------------------------------------------------------------------------- truncation and lengths
+def _sample(num_tokens: int, correct: bool, max_new_tokens: int = 1000) -> dict:
+    """A per-sample record as the harness writes it: "length" when the budget ran out."""
+    return {"num_tokens": num_tokens, "correct": correct,
+            "finish_reason": "length" if num_tokens == max_new_tokens else "stop"}
+
+
+def test_length_summary_closed_form() -> None:
+    # Two problems x 5 samples, budget 1000 tokens: three samples hit it, one of them graded correct anyway.
+    samples = [_sample(1000, True), _sample(100, True), _sample(200, False), _sample(300, True), _sample(1000, False),
+               _sample(400, True), _sample(500, False), _sample(600, True), _sample(700, False), _sample(1000, False)]
+    s = length_summary(samples)
+    assert (s["samples"], s["truncated"], s["truncated_correct"]) == (10, 3, 1)
+    assert s["truncated_fraction"] == pytest.approx(3 / 10)
+    assert s["length_mean"] == pytest.approx((100 + 200 + 300 + 400 + 500 + 600 + 700 + 3 * 1000) / 10)  # 580
+    # Sorted: 100 ... 700, 1000, 1000, 1000; p50 at rank 0.5 * 9 = 4.5, p90 at rank 0.9 * 9 = 8.1.
+    assert s["length_p50"] == pytest.approx(500 + 0.5 * (600 - 500))
+    assert s["length_p90"] == pytest.approx(1000.0)
+    assert s["accuracy_truncated_as_wrong"] == pytest.approx(4 / 10)
+    assert s["accuracy_not_truncated"] == pytest.approx(4 / 7)
+    # The graded accuracy (avg@k) still counts the truncated sample that boxed the right answer.
+    per_problem = [{"correct": [x["correct"] for x in samples[i:i + 5]], "answers": ["1"] * 5} for i in (0, 5)]
+    assert summarize(per_problem)["avg@k"] == pytest.approx(5 / 10)
+
+
+def test_length_summary_percentiles_interpolate() -> None:
+    s = length_summary([_sample(n, False) for n in (1, 2, 3, 4, 5, 6, 7, 8, 9, 10)])
+    assert (s["length_mean"], s["length_p50"], s["length_p90"]) == pytest.approx((5.5, 5.5, 9.1))
+    assert s["truncated"] == 0 and s["accuracy_not_truncated"] == 0.0
+
+
+def test_length_summary_edge_cases() -> None:
+    s = length_summary([_sample(1000, True), _sample(1000, False)])
+    assert s["truncated_fraction"] == 1.0 and s["accuracy_not_truncated"] is None
+    assert s["accuracy_truncated_as_wrong"] == 0.0 and s["truncated_correct"] == 1
+    assert length_summary([{"num_tokens": 3, "finish_reason": "stop", "strict": True}],
+                          correct_key="strict")["accuracy_not_truncated"] == 1.0
+    with pytest.raises(ValueError, match="no samples"):
+        length_summary([])
+    with pytest.raises(ValueError, match=r"sample 1 has no \['finish_reason'\]"):
+        length_summary([_sample(5, True), {"num_tokens": 5, "correct": True}])
+
+
+def test_length_table() -> None:
+    samples = [_sample(1000, True), _sample(100, True), _sample(200, False), _sample(300, True)]
+    table = length_table({"aime24": length_summary(samples), "old": {"avg@k": 0.5}}).splitlines()
+    assert table[2] == "| aime24 | 25.00 | 400.0 | 250.0 | 790.0 | 50.00 | 66.67 |"
+    assert table[3] == "| old | - | - | - | - | - | - |"

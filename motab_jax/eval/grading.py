@@ -1,38 +1,42 @@
 """Grading of model completions for math benchmarks, robust against adversarial output.
 
-Graders strip ``<think>...</think>`` and look only at the final answer text:
-``grade_math`` (math-verify on the last ``\\boxed{}``), ``grade_gsm8k`` (final number, |a-b| <= 1e-6)
-and ``grade_choice`` (A-D letter, GPQA style).
+Graders strip ``<think>...</think>`` and look only at the final answer text: "math" (math-verify on the last
+``\\boxed{}``), "gsm8k" (final number, |a-b| <= 1e-6) and "choice" (A-D letter, GPQA style).
 
-The grader functions run in the calling process with NO time limit: math-verify's ``signal.alarm``
-timeout is disabled (it only works in the main thread). A pathological completion such as
-``\\boxed{9^{9^{9^{9^{9}}}}}`` can hang a direct call. Untrusted output goes through ``GradingPool``,
-which runs the same ``grade_one`` in killable worker processes with per-item timeouts and a deadline.
+Public graders are bounded in time: ``grade`` (and ``grade_math``, ``grade_gsm8k``, ``grade_choice`` on top of
+it) runs the grader in a persistent worker process and kills it after ``timeout`` seconds (default
+``DEFAULT_TIMEOUT_S``); a timed-out item is wrong and marked ``timed_out``. In-process grading has no bound:
+math-verify's ``signal.alarm`` timeout only works in the main thread and cannot interrupt sympy's C loops (a
+pathological ``\\boxed{9^{9^{9^{9^{9}}}}}`` runs for minutes), so ``grade_one`` (what the workers run) is for
+trusted input or for callers that add their own bound. Batches go through ``GradingPool`` (several workers, a
+batch deadline): the fast path for evaluation.
+
+What is graded. With a complete last ``\\boxed{}`` (or ``\\fbox{}``), its content. Without one, only an
+explicit final-answer statement, as the authors' harness (EvalScope's math parser) anchors it: the last "the
+answer is", "final answer is", "answer:" (or "答案是"), and of it only the first clause of that line, up to
+``MAX_ANCHORED_ANSWER_CHARS`` characters. Never the last number or formula of the text (EvalScope's last
+resort, and math-verify's anchor-free search): that is whatever a truncated or looping output wrote last. A
+completion whose tail is a loop (``ends_in_loop``) has no unboxed answer at all, for every kind.
 
 Cheap guards on every path: only the last ``MAX_COMPLETION_CHARS`` characters after the thinking are
 graded (the answer is at the end; this bounds regex and parser cost on megabyte outputs); NUL bytes
 are dropped and lone surrogates become "?"; answers nested deeper than ``MAX_BRACE_DEPTH`` braces are
 rejected unparsed (math-verify's cost grows exponentially with nesting: ``{{...{2}...}}`` 13 deep took
-5 s, doubling per level; real answers rarely nest 5 deep). These guards do not make direct calls
-hang-proof (``\boxed{10^{10^{10}}}`` is short and shallow); only the pool's timeouts do.
+5 s, doubling per level; real answers rarely nest 5 deep). These guards do not bound in-process grading
+(``\\boxed{10^{10^{10}}}`` is short and shallow); only the worker timeouts do.
+
+This file imports only the standard library and math-verify: the grading workers load it by path
+(``grading_worker.py``), without the ``motab_jax`` package and its JAX import.
 """
 
 from __future__ import annotations
 
-import collections
 import functools
 import logging
-import multiprocessing
-import multiprocessing.connection as mp_connection
-import os
 import re
-import runpy
-import signal
-import time
 from dataclasses import dataclass
 from fractions import Fraction
-from multiprocessing.connection import Connection
-from multiprocessing.process import BaseProcess
+from typing import Any
 
 import math_verify
 from math_verify import ExprExtractionConfig, LatexExtractionConfig
@@ -43,6 +47,10 @@ KINDS: tuple[str, ...] = ("math", "gsm8k", "choice")
 MAX_COMPLETION_CHARS = 10_000
 MAX_BRACE_DEPTH = 12
 MAX_EXTRACTED_CHARS = 1_000
+MAX_ANCHORED_ANSWER_CHARS = 100
+DEFAULT_TIMEOUT_S = 5.0  # seconds a public grader call may grade (the pool's and the harness's per-item default)
+LOOP_WINDOW_CHARS = 1_000  # ends_in_loop: a tail this long ...
+LOOP_MAX_UNIT_CHARS = 250  # ... made of one repeated unit at most this long (so at least 4 copies)
 
 _GOLD_CONFIG = (LatexExtractionConfig(), ExprExtractionConfig())
 _PRED_CONFIG = (LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig())
@@ -58,7 +66,7 @@ class GradeResult:
     """Outcome of grading one completion.
 
     ``correct`` is False on timeout or error; ``timed_out`` marks the per-item timeout or the batch
-    deadline (pool only); ``extracted`` is the grader's answer string (clipped to
+    deadline; ``extracted`` is the grader's answer string (clipped to
     ``MAX_EXTRACTED_CHARS``); ``error`` describes a failure (timeout, crashed worker, exception).
     """
 
@@ -137,6 +145,49 @@ def last_boxed_content(text: str) -> str | None:
     return None  # unbalanced: truncated output
 
 
+def ends_in_loop(text: str) -> bool:
+    """Whether the text ends in a loop: its last ``LOOP_WINDOW_CHARS`` characters (trailing whitespace
+    aside) repeat one unit of at most ``LOOP_MAX_UNIT_CHARS`` characters, i.e. at least 4 copies of it.
+
+    A degenerate output ("1 1 1 ...", "So the answer is 1. So the answer is 1. ...") that ran into the
+    token budget; whatever number or phrase it repeats is not a final answer.
+    """
+    t = text.rstrip()
+    n, w = len(t), LOOP_WINDOW_CHARS
+    tail = t[n - w:]
+    return any(t[n - w - p:n - p] == tail for p in range(1, LOOP_MAX_UNIT_CHARS + 1) if n >= w + p)
+
+
+# The authors' harness (EvalScope's math parser, from Qwen2.5-Math) takes an unboxed answer after these phrases.
+_ANCHOR_RE = re.compile(r"(?i:final answer is|the answer is|answer(?:\*\*)?\s*:)|答案是")
+_DELIMITED_RE = re.compile(r"\$\$(.+?)\$\$|\$(.+?)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]")
+_CLAUSE_END_RE = re.compile(r"\.(?=\s|$)|,\s|;")  # "3.5" and "1,000" stay whole
+
+
+def anchored_answer(text: str) -> str | None:
+    """The answer of the text's last final-answer statement ("The answer is 42." -> "42"), else None.
+
+    The statement is the last "the answer is", "final answer is", "answer:" (any case; also "**Answer:**"
+    and "答案是"); its answer is the ``$...$`` / ``\\(...\\)`` / ``\\[...\\]`` that follows, or else the rest of the
+    line up to the end of the clause (". ", ", ", ";"), markdown bold removed. None when there is no such
+    statement, when the answer is empty or longer than ``MAX_ANCHORED_ANSWER_CHARS``, and when the text
+    ``ends_in_loop``.
+    """
+    last = None
+    for last in _ANCHOR_RE.finditer(text):
+        pass
+    if last is None or ends_in_loop(text):
+        return None
+    line = text[last.end():].lstrip(" \t:*").split("\n", 1)[0]
+    delimited = _DELIMITED_RE.match(line)
+    if delimited:
+        answer = next(group for group in delimited.groups() if group is not None)
+    else:
+        answer = _CLAUSE_END_RE.split(line, maxsplit=1)[0].strip().strip("*").strip()
+    answer = answer.strip()
+    return answer if 0 < len(answer) <= MAX_ANCHORED_ANSWER_CHARS else None
+
+
 # ----------------------------------------------------------------------------- math
 @functools.lru_cache(maxsize=4096)
 def _parse_gold(gold: str) -> tuple:
@@ -155,18 +206,22 @@ def _parse_gold(gold: str) -> tuple:
 _BOX_START_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
 
 
+def _math_answer(text: str) -> str | None:
+    """The answer string of a prepared completion: the last box's content, else the anchored answer."""
+    boxed = last_boxed_content(text)
+    if boxed is not None:
+        return boxed
+    if _BOX_START_RE.search(text):
+        return None  # the last box is cut off: no answer (math-verify would take an earlier box)
+    return anchored_answer(text)
+
+
 def _math_extract(text: str) -> tuple[list, str | None]:
     """(math-verify parse, answer string) of a prepared completion."""
-    boxed = last_boxed_content(text)
-    if boxed is None and _BOX_START_RE.search(text):
-        return [], None  # the last box is cut off: no answer (math-verify would take an earlier box)
-    target = f"\\boxed{{{boxed}}}" if boxed is not None else text
-    if _max_brace_depth(target) > MAX_BRACE_DEPTH:
-        return [], boxed
-    parsed = math_verify.parse(target, extraction_config=_PRED_CONFIG, parsing_timeout=None)
-    if boxed is None and parsed and isinstance(parsed[-1], str):
-        boxed = parsed[-1]  # math-verify's matched answer text ("The answer is 1/2" -> "1/2")
-    return parsed, boxed
+    answer = _math_answer(text)
+    if answer is None or _max_brace_depth(answer) >= MAX_BRACE_DEPTH:  # the box adds one level
+        return [], answer
+    return math_verify.parse(f"\\boxed{{{answer}}}", extraction_config=_PRED_CONFIG, parsing_timeout=None), answer
 
 
 def _grade_math(completion: str, gold_answer: str) -> tuple[bool, str | None]:
@@ -176,15 +231,15 @@ def _grade_math(completion: str, gold_answer: str) -> tuple[bool, str | None]:
     return ok, _clip(extracted)
 
 
-def grade_math(completion_text: str, gold_answer: str) -> bool:
-    """Whether the completion's final answer is mathematically equal to ``gold_answer``.
+def grade_math(completion_text: str, gold_answer: str, *, timeout: float | None = DEFAULT_TIMEOUT_S) -> bool:
+    """Whether the completion's final answer is mathematically equal to ``gold_answer``; False after
+    ``timeout`` seconds (see ``grade`` for the details and to tell a timeout from a wrong answer).
 
-    Thinking is stripped; the last ``\\boxed{}`` (else math-verify's own answer search over the last
-    ``MAX_COMPLETION_CHARS`` characters) is parsed and compared with ``math_verify.verify``. The gold
-    may be plain ("1/2", "\\frac{\\sqrt{3}}{2}", "(-\\infty, 2]"), boxed or in ``$...$``.
-    No timeout: use ``GradingPool`` for untrusted completions.
+    Thinking is stripped; the last ``\\boxed{}`` (else ``anchored_answer``: "The answer is 1/2") is parsed and
+    compared with ``math_verify.verify``. The gold may be plain ("1/2", "\\frac{\\sqrt{3}}{2}", "(-\\infty, 2]"),
+    boxed or in ``$...$``.
     """
-    return _grade_math(completion_text, gold_answer)[0]
+    return grade("math", completion_text, gold_answer, timeout=timeout).correct
 
 
 # ----------------------------------------------------------------------------- gsm8k
@@ -206,10 +261,10 @@ def extract_last_number(text: str) -> str | None:
     """The final number of a text, canonicalised ("$1,234.50." -> "1234.5"), or None.
 
     The last number inside the last ``\\boxed{}`` wins when there is one, else the last number in
-    the text. Commas are thousands separators; "$" and a trailing "." are ignored.
+    the text unless it ``ends_in_loop``. Commas are thousands separators; "$" and a trailing "." are ignored.
     """
     text = _sanitize(text)
-    for source in (last_boxed_content(text), text):
+    for source in (last_boxed_content(text), None if ends_in_loop(text) else text):
         numbers = _NUMBER_RE.findall(source) if source else []
         if numbers:
             return _canonical_number(numbers[-1])
@@ -230,9 +285,10 @@ def _grade_gsm8k(completion: str, gold: str) -> tuple[bool, str | None]:
     return pred is not None and ref is not None and _numbers_equal(pred, ref), _clip(pred)
 
 
-def grade_gsm8k(completion: str, gold: str) -> bool:
-    """Whether the final number equals the gold number (a bare number or "... #### 42")."""
-    return _grade_gsm8k(completion, gold)[0]
+def grade_gsm8k(completion: str, gold: str, *, timeout: float | None = DEFAULT_TIMEOUT_S) -> bool:
+    """Whether the final number equals the gold number (a bare number or "... #### 42"); False after
+    ``timeout`` seconds (see ``grade``)."""
+    return grade("gsm8k", completion, gold, timeout=timeout).correct
 
 
 # ----------------------------------------------------------------------------- choice
@@ -248,12 +304,15 @@ def extract_choice_letter(text: str) -> str | None:
     """The chosen A-D letter, or None.
 
     Priority: the last ``\\boxed{C}`` (also ``\\boxed{(C)}``, ``\\boxed{\\text{C}}``), then the last
-    "Answer: C" / "answer is (C)", then the last "(C)", then the last standalone capital A-D.
+    "Answer: C" / "answer is (C)", then the last "(C)", then the last standalone capital A-D; only the box
+    when the text ``ends_in_loop``.
     """
     text = _sanitize(text)
     m = _CHOICE_BOXED_RE.match(last_boxed_content(text) or "")
     if m:
         return m.group(1)
+    if ends_in_loop(text):
+        return None
     for pattern in _CHOICE_RES:
         found = pattern.findall(text)
         if found:
@@ -267,9 +326,10 @@ def _grade_choice(completion: str, gold_letter: str) -> tuple[bool, str | None]:
     return pred is not None and pred == ref, pred
 
 
-def grade_choice(completion: str, gold_letter: str) -> bool:
-    """Whether the completion picks ``gold_letter`` ("C" or "(C)", case-insensitive)."""
-    return _grade_choice(completion, gold_letter)[0]
+def grade_choice(completion: str, gold_letter: str, *, timeout: float | None = DEFAULT_TIMEOUT_S) -> bool:
+    """Whether the completion picks ``gold_letter`` ("C" or "(C)", case-insensitive); False after
+    ``timeout`` seconds (see ``grade``)."""
+    return grade("choice", completion, gold_letter, timeout=timeout).correct
 
 
 # ----------------------------------------------------------------------------- dispatch
@@ -284,18 +344,37 @@ def _check_kind(kind: str) -> None:
 def extracted_answer(kind: str, completion: str) -> str | None:
     """The answer string the ``kind`` grader extracts (for per-sample logs; no gold needed).
 
-    "math": the last boxed content, else math-verify's matched text; "gsm8k": the canonical
+    "math": the last boxed content, else ``anchored_answer``; "gsm8k": the canonical
     number; "choice": the letter. Clipped to ``MAX_EXTRACTED_CHARS``.
     """
     _check_kind(kind)
     text = prepare_completion(completion)
     if kind == "math":
-        return _clip(_math_extract(text)[1])
+        return _clip(_math_answer(text))
     return _clip(extract_last_number(text) if kind == "gsm8k" else extract_choice_letter(text))
 
 
+def grade(kind: str, completion: str, gold: str, *, timeout: float | None = DEFAULT_TIMEOUT_S) -> GradeResult:
+    """Grades one item within ``timeout`` seconds: ``GradeResult(correct, timed_out, extracted, error)``.
+
+    ``kind``: "math", "gsm8k" or "choice". The grader runs in a persistent worker process shared by every
+    call of this process (``grading_pool.shared_grade``), killed and replaced when an item runs past
+    ``timeout``: such an item comes back ``correct=False, timed_out=True``. A call costs about a
+    millisecond more than grading in-process; the first call, and the first after a timeout, also waits
+    for the worker to start (about a second: a fresh interpreter importing sympy). ``timeout=None`` grades
+    in this process without a bound (``grade_one``). Thread-safe (calls take turns); for batches,
+    ``GradingPool`` grades in parallel.
+    """
+    _check_kind(kind)
+    if timeout is None:
+        return grade_one(kind, completion, gold)
+    from motab_jax.eval.grading_pool import shared_grade  # the workers load this file without the package
+
+    return shared_grade(kind, completion, gold, timeout)
+
+
 def grade_one(kind: str, completion: str, gold: str) -> GradeResult:
-    """Grades one item in this process without a timeout (what each pool worker runs).
+    """Grades one item in this process WITHOUT a time limit (what each worker runs; ``grade`` bounds it).
 
     Grader exceptions become ``GradeResult(correct=False, error=...)``; an unknown kind raises.
     """
@@ -315,223 +394,10 @@ def _describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {msg}"[:300]
 
 
-# ----------------------------------------------------------------------------- pool
-_WORKER_RUN_NAME = "__motab_grading_worker__"
+def __getattr__(name: str) -> Any:
+    # GradingPool lives in grading_pool.py (it imports this file); kept importable from here.
+    if name == "GradingPool":
+        from motab_jax.eval.grading_pool import GradingPool
 
-
-@dataclass
-class _Worker:
-    """Parent-side handle of one worker; ``item`` is the batch index it holds, if any."""
-
-    proc: BaseProcess
-    conn: Connection
-    spawned_at: float
-    ready: bool = False
-    item: int | None = None
-    sent_at: float = 0.0
-    tasks_done: int = 0
-
-
-class GradingPool:
-    """Grades ``(kind, completion, gold)`` items in killable worker processes.
-
-    Workers are started with "spawn" (fresh interpreters: safe after JAX started threads) and run
-    this file through ``runpy``, so they import math-verify but not ``motab_jax`` (JAX); like any
-    spawn child they still import the caller's ``__main__`` module. Each worker has its own pipe, so
-    killing one cannot corrupt another's channel. A worker holding an item longer than
-    ``item_timeout`` seconds is SIGKILLed (never waited for) and replaced; a crashed one is replaced
-    and its item retried once (the OOM killer is not the item's fault), then reported with
-    ``error``; workers are retired after ``max_tasks_per_worker`` items
-    (bounds sympy cache growth). ``memory_limit_mb`` is the address space a worker may add beyond
-    its startup footprint (RLIMIT_AS), so runaway arithmetic raises MemoryError rather than
-    exhausting the host; None disables it.
-
-    Not thread-safe. ``pool._workers`` lists the live ``_Worker`` handles (``.proc`` is the
-    process), which tests use to kill a worker.
-    """
-
-    def __init__(self, num_workers: int = 2, item_timeout: float = 5.0, max_tasks_per_worker: int = 200,
-                 *, memory_limit_mb: int | None = 4096, startup_timeout: float = 60.0) -> None:
-        if num_workers < 1 or max_tasks_per_worker < 1 or not item_timeout > 0 or not startup_timeout > 0:
-            raise ValueError("num_workers, max_tasks_per_worker, item_timeout, startup_timeout must be positive")
-        self.num_workers, self.item_timeout = num_workers, float(item_timeout)
-        self.max_tasks_per_worker, self.memory_limit_mb = max_tasks_per_worker, memory_limit_mb
-        self.startup_timeout = float(startup_timeout)
-        self._ctx = multiprocessing.get_context("spawn")
-        self._workers: list[_Worker] = []
-        self._closed = False
-
-    def __enter__(self) -> GradingPool:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def _spawn(self) -> None:
-        parent_conn, child_conn = self._ctx.Pipe(duplex=True)
-        init = {"_WORKER_CONN": child_conn, "_WORKER_MEMORY_LIMIT_MB": self.memory_limit_mb}
-        proc = self._ctx.Process(target=runpy.run_path, args=(os.path.abspath(__file__),),
-                                 kwargs={"init_globals": init, "run_name": _WORKER_RUN_NAME},
-                                 name="motab-grading-worker", daemon=True)
-        proc.start()
-        child_conn.close()  # the worker's end lives only in the worker: its death reads as EOF
-        self._workers.append(_Worker(proc=proc, conn=parent_conn, spawned_at=time.monotonic()))
-
-    def _kill(self, worker: _Worker) -> None:
-        if worker in self._workers:
-            self._workers.remove(worker)
-        if worker.proc.is_alive():
-            worker.proc.kill()
-        worker.proc.join(timeout=5.0)
-        worker.conn.close()
-
-    def _retire(self, worker: _Worker) -> None:
-        try:
-            worker.conn.send(None)
-            worker.proc.join(timeout=2.0)
-        except OSError:
-            pass
-        self._kill(worker)
-
-    def close(self) -> None:
-        """Stops all workers (idle ones asked to exit, the rest killed). Idempotent."""
-        self._closed = True
-        for worker in list(self._workers):
-            (self._retire if worker.ready and worker.item is None else self._kill)(worker)
-
-    def grade(self, items: list[tuple[str, str, str]], deadline: float | None = None) -> list[GradeResult]:
-        """Grades ``(kind, completion, gold)`` items; results come back in the same order.
-
-        ``deadline`` is a budget in seconds for the whole call, counted from entry: items not done
-        by then come back ``timed_out`` (workers holding them are killed). Without it the call is
-        bounded by the per-item timeout. Never raises on adversarial completions; an unknown kind
-        raises ValueError before any work starts.
-        """
-        if self._closed:
-            raise RuntimeError("GradingPool is closed")
-        for kind, _, _ in items:
-            _check_kind(kind)
-        end = None if deadline is None else time.monotonic() + max(float(deadline), 0.0)
-        results: list[GradeResult | None] = [None] * len(items)
-        pending = collections.deque(range(len(items)))
-        attempts = [0] * len(items)
-        failures = 0  # workers that died or hung before becoming ready: a broken environment
-        while pending or any(w.item is not None for w in self._workers):
-            if end is not None and time.monotonic() >= end:
-                self._expire(results, pending, "batch deadline exceeded")
-                break
-            if failures > 2 * self.num_workers + 2:
-                logger.error("grading workers failed to start; %d items not graded", len(pending))
-                self._expire(results, pending, "grading workers failed to start", timed_out=False)
-                break
-            while len(self._workers) < self.num_workers and pending:
-                self._spawn()
-            for worker in self._workers:
-                if pending and worker.ready and worker.item is None:
-                    idx = pending.popleft()
-                    kind, completion, gold = items[idx]
-                    try:  # a prepared completion (<= 10k chars) fits the pipe buffer: send cannot block
-                        worker.conn.send((kind, prepare_completion(completion), gold))
-                    except (OSError, ValueError):  # died between messages: retry the item elsewhere
-                        pending.appendleft(idx)
-                        failures += 1
-                        self._kill(worker)
-                        break
-                    worker.item, worker.sent_at = idx, time.monotonic()
-                    attempts[idx] += 1
-            failures += self._wait_and_collect(results, end, pending, attempts)
-        return [r or GradeResult(correct=False, timed_out=True, error="not graded") for r in results]
-
-    def _wait_and_collect(self, results: list[GradeResult | None], end: float | None,
-                          pending: collections.deque, attempts: list[int]) -> int:
-        """Waits for a message or the next expiry and records results; returns startup failures."""
-        now = time.monotonic()
-        expiries = [now + 1.0] + ([end] if end is not None else [])
-        for w in self._workers:
-            if w.item is not None:
-                expiries.append(w.sent_at + self.item_timeout)
-            elif not w.ready:
-                expiries.append(w.spawned_at + self.startup_timeout)
-        ready = mp_connection.wait([w.conn for w in self._workers], timeout=max(0.0, min(expiries) - now))
-        failures = 0
-        for worker in [w for w in self._workers if w.conn in ready]:
-            try:
-                msg = worker.conn.recv()
-            except (EOFError, OSError):
-                msg = None
-            if msg is None:  # the worker died
-                worker.proc.join(timeout=1.0)
-                if worker.item is not None and attempts[worker.item] < 2:
-                    pending.appendleft(worker.item)
-                elif worker.item is not None:
-                    results[worker.item] = GradeResult(
-                        correct=False, error=f"grading worker crashed (exit code {worker.proc.exitcode})")
-                elif not worker.ready:
-                    failures += 1
-                self._kill(worker)
-            elif msg == "ready":
-                worker.ready = True
-            elif worker.item is not None:
-                correct, extracted, error = msg
-                results[worker.item] = GradeResult(correct=correct, extracted=extracted, error=error)
-                worker.item, worker.tasks_done = None, worker.tasks_done + 1
-                if worker.tasks_done >= self.max_tasks_per_worker:
-                    self._retire(worker)
-        now = time.monotonic()
-        for worker in list(self._workers):
-            if worker.item is not None and now >= worker.sent_at + self.item_timeout:
-                results[worker.item] = GradeResult(correct=False, timed_out=True,
-                                                   error=f"timed out after {self.item_timeout:g} s")
-                self._kill(worker)
-            elif not worker.ready and now >= worker.spawned_at + self.startup_timeout:
-                failures += 1
-                self._kill(worker)
-        return failures
-
-    def _expire(self, results: list[GradeResult | None], pending: collections.deque, reason: str,
-                timed_out: bool = True) -> None:
-        for worker in list(self._workers):
-            if worker.item is not None:
-                results[worker.item] = GradeResult(correct=False, timed_out=timed_out, error=reason)
-                self._kill(worker)
-        while pending:
-            results[pending.popleft()] = GradeResult(correct=False, timed_out=timed_out, error=reason)
-
-
-def _limit_address_space(extra_mb: int) -> None:
-    try:
-        import resource
-
-        with open("/proc/self/status") as f:
-            vm_kb = next(int(line.split()[1]) for line in f if line.startswith("VmSize:"))
-        soft = vm_kb * 1024 + extra_mb * 2**20
-        _, hard = resource.getrlimit(resource.RLIMIT_AS)
-        resource.setrlimit(resource.RLIMIT_AS, (soft if hard < 0 else min(soft, hard), hard))
-    except (ImportError, OSError, StopIteration, ValueError):
-        pass  # not Linux: run without the limit
-
-
-def _worker_main(conn: Connection, memory_limit_mb: int | None) -> None:
-    """Worker loop: receives (kind, completion, gold), sends (correct, extracted, error); None stops."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    grade_math("\\boxed{1}", "1")  # import and warm the parser before the footprint is measured
-    if memory_limit_mb:
-        _limit_address_space(memory_limit_mb)
-    conn.send("ready")
-    while True:
-        try:
-            task = conn.recv()
-        except (EOFError, OSError):
-            return
-        if task is None:
-            return
-        try:
-            r = grade_one(*task)
-            reply = (r.correct, r.extracted, r.error)
-        except BaseException as e:  # noqa: BLE001 - e.g. MemoryError raised outside the graders
-            reply = (False, None, _describe(e))
-        conn.send(reply)
-
-
-if __name__ == _WORKER_RUN_NAME:
-    _worker_main(globals()["_WORKER_CONN"], globals()["_WORKER_MEMORY_LIMIT_MB"])
+        return GradingPool
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,12 +1,19 @@
-"""Sampling metrics for reasoning benchmarks: pass@k, avg@k, cons@k (majority vote), summaries."""
+"""Sampling metrics for reasoning benchmarks: pass@k, avg@k, cons@k (majority vote), truncation and lengths,
+summaries."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["avg_at_k", "majority_vote", "pass_at_k", "summarize"]
+import numpy as np
+
+__all__ = ["LENGTH_FIELDS", "avg_at_k", "length_summary", "length_table", "majority_vote", "pass_at_k", "summarize"]
+
+# What length_summary adds to a benchmark's summary (and results.md shows).
+LENGTH_FIELDS = ("truncated_fraction", "length_mean", "length_p50", "length_p90", "accuracy_truncated_as_wrong",
+                 "accuracy_not_truncated")
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -102,3 +109,54 @@ def summarize(per_problem: list[dict[str, Any]]) -> dict[str, Any]:
         put(f"pass@{k}", [pass_at_k(n, sum(bool(x) for x in row["correct"]), k) for row in per_problem])
     put(f"cons@{n}", [float(majority_vote(row["answers"], row["correct"])) for row in per_problem])
     return out
+
+
+def length_summary(samples: Sequence[Mapping[str, Any]], *, correct_key: str = "correct") -> dict[str, Any]:
+    """Truncation, generated length and accuracy with and without the truncated samples.
+
+    Each sample (a per-sample record of the harness) needs ``finish_reason`` ("length": it hit
+    ``max_new_tokens``; anything else, e.g. "stop", ended on its own), ``num_tokens`` (generated tokens) and
+    ``correct_key`` (bool). Returns, over the n samples pooled across problems:
+    ``samples`` (n), ``truncated`` (count) and ``truncated_fraction``; ``length_mean``, ``length_p50`` and
+    ``length_p90`` of ``num_tokens`` (percentiles interpolated linearly between order statistics, numpy's
+    default); ``accuracy_truncated_as_wrong``: correct samples that were not truncated / n;
+    ``accuracy_not_truncated``: the same over the non-truncated samples only (None when every sample was
+    truncated); ``truncated_correct``: truncated samples graded correct anyway (a box written before the
+    budget ran out; avg@k counts them, the two accuracies here do not).
+    """
+    if not samples:
+        raise ValueError("length_summary: no samples")
+    for i, sample in enumerate(samples):
+        missing = [k for k in ("finish_reason", "num_tokens", correct_key) if k not in sample]
+        if missing:
+            raise ValueError(f"length_summary: sample {i} has no {missing} (keys: {sorted(sample)}); the evaluation "
+                             "harness's per-sample records have them")
+    truncated = [s["finish_reason"] == "length" for s in samples]
+    correct = [bool(s[correct_key]) for s in samples]
+    lengths = np.asarray([s["num_tokens"] for s in samples], dtype=np.float64)
+    stopped = len(samples) - sum(truncated)
+    right = sum(c and not t for c, t in zip(correct, truncated))
+    p50, p90 = np.percentile(lengths, [50, 90])
+    return {"samples": len(samples), "truncated": sum(truncated), "truncated_fraction": sum(truncated) / len(samples),
+            "length_mean": float(lengths.mean()), "length_p50": float(p50), "length_p90": float(p90),
+            "accuracy_truncated_as_wrong": right / len(samples),
+            "accuracy_not_truncated": right / stopped if stopped else None,
+            "truncated_correct": sum(c and t for c, t in zip(correct, truncated))}
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}"
+
+
+def length_table(summaries: Mapping[str, Mapping[str, Any]]) -> str:
+    """Markdown table of the ``length_summary`` fields of each benchmark's summary (rows without them: "-")."""
+    lines = ["| benchmark | truncated (%) | mean length | p50 | p90 | accuracy, truncated = wrong (%) | "
+             "accuracy, not truncated (%) |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for name, s in summaries.items():
+        if "truncated_fraction" not in s:
+            lines.append(f"| {name} |" + " - |" * 6)
+            continue
+        lines.append(f"| {name} | {_percent(s['truncated_fraction'])} | {s['length_mean']:.1f} | {s['length_p50']:.1f} "
+                     f"| {s['length_p90']:.1f} | {_percent(s['accuracy_truncated_as_wrong'])} | "
+                     f"{_percent(s['accuracy_not_truncated'])} |")
+    return "\n".join(lines)
