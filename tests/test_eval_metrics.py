@@ -9,6 +9,7 @@ from itertools import combinations
 import pytest
 
 from motab_jax.eval.metrics import avg_at_k, length_summary, length_table, majority_vote, pass_at_k, summarize
+from motab_jax.pipeline.summary import final_summary, results_entry
 
 
 def _brute_pass_at_k(n: int, c: int, k: int) -> Fraction:
@@ -160,3 +161,15 @@ def test_length_table() -> None:
     table = length_table({"aime24": length_summary(samples), "old": {"avg@k": 0.5}}).splitlines()
     assert table[2] == "| aime24 | 25.00 | 400.0 | 250.0 | 790.0 | 50.00 | 66.67 |"
     assert table[3] == "| old | - | - | - | - | - | - |"
+
+
+def test_results_md_reports_truncation_and_lengths() -> None:
+    samples = [_sample(1000, True), _sample(100, True), _sample(200, False), _sample(300, True)]
+    summary = {**summarize([{"correct": [x["correct"] for x in samples], "answers": ["1"] * 4}]),
+               **length_summary(samples)}
+    evaluation = {"teacher": {"aime24": results_entry(summary), "math500": 0.25},  # an older stage's plain number
+                  "seconds": 12.0}
+    text = final_summary({"eval": evaluation}, wall_seconds=1.0)
+    assert "| teacher | 75.0 | 25.0 |" in text
+    assert "| teacher | aime24 | 25.0% | 400 / 250 / 790 | 50.0% | 66.7% |" in text.split("## Truncation and lengths")[1]
+    assert "## Truncation and lengths" not in final_summary({"eval": {"teacher": {"math500": 0.25}}}, 1.0)
