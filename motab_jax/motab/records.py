@@ -1,4 +1,11 @@
-"""Turning a finished slot into an SFT record."""
+"""Turning a finished slot into an SFT record.
+
+Every synthesis record keeps the prompt each model saw: ``prompt``, the text the student was conditioned on (SFT
+trains the student on it), and ``teacher_prompt``, the text the teacher was conditioned on. With one vocabulary
+both models read one token sequence, rendered by the teacher's tokenizer (its chat template), so the two are
+equal; across vocabularies (``cross_records``) each is its own model's rendering. The preflight compares the
+student's own rendering with the teacher's (``pipeline.prompt_check``): evaluation prompts the student with its own.
+"""
 
 from __future__ import annotations
 
@@ -27,7 +34,8 @@ def _segments(tokenizer: Any, tokens: np.ndarray, sources: np.ndarray) -> list[d
 
 def build_record(tokenizer: Any, slot: dict[str, np.ndarray], *, question_id: str, sample_index: int,
                  prompt: str, policy_name: str, stitched: bool, revise: str) -> dict[str, Any]:
-    """The record of one finished trajectory; `slot` holds that slot's row of every state array."""
+    """The record of one finished trajectory; `slot` holds that slot's row of every state array; `prompt` is the
+    text both models were prompted with (the teacher tokenizer's rendering)."""
     length = int(slot["out_len"])
     tokens, sources = slot["out_tokens"][:length], slot["out_src"][:length]
     breach, explore_len = int(slot["breach_step"]), int(slot["explore_len"])
@@ -44,7 +52,8 @@ def build_record(tokenizer: Any, slot: dict[str, np.ndarray], *, question_id: st
     counts = {"student": int(np.sum(sources == SRC_STUDENT)), "teacher": int(np.sum(sources == SRC_TEACHER)),
               "revise": sum(s["num_tokens"] for s in segments if s["source"] == "revise")}
     return {
-        "id": question_id, "sample_index": sample_index, "prompt": prompt, "policy": policy_name,
+        "id": question_id, "sample_index": sample_index, "prompt": prompt, "teacher_prompt": prompt,
+        "policy": policy_name,
         "response": "".join(s["text"] for s in segments), "segments": segments,
         # value None: a step the teacher wrote (one-step policies), or no teacher monitoring (student-only).
         # entropy: the teacher's top-k entropy H(s_{t-1}) at the state before the step, which set eps.

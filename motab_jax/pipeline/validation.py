@@ -3,8 +3,9 @@
 `validate_config` checks every field on its own (types, ranges, names, paths) without touching a model.
 `preflight` then reads only the two models' config.json and tokenizers (local folders, the hub cache, or the
 hub when it is reachable) and checks what needs both: one vocabulary where a stage compares the models id by id
-(kd, skd_token; synthesis otherwise runs across vocabularies), top-k values within the vocabulary, and a memory
-estimate of the largest stage against the devices' memory.
+(kd, skd_token; synthesis otherwise runs across vocabularies), top-k values within the vocabulary, a memory
+estimate of the largest stage against the devices' memory, and (logged) whether the two tokenizers render the
+job's first prompts identically (`prompt_check`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from motab_jax.motab.config import synthesis_problems
 from motab_jax.pipeline.memory import (available_memory, format_bytes, generation_pools, memory_breakdown,
                                       memory_hint)
 from motab_jax.pipeline.policy_runs import policy_runs
+from motab_jax.pipeline.prompt_check import check_prompt_convention
 from motab_jax.train.losses import LOSSES
 from motab_jax.train.optimizer import optimizer_problems
 from motab_jax.errors import MotabInputError
@@ -273,6 +275,7 @@ def preflight(config: Any) -> list[str]:
     teacher, student = facts["teacher"], facts["student"]
     if teacher.tokenizer is not None and student.tokenizer is not None and {"synthesize", "kd"} & set(stages):
         problems += cross_vocabulary_problems(config, stages, teacher.tokenizer, student.tokenizer)
+        check_prompt_convention(config, teacher.tokenizer, student.tokenizer)  # logs; never a problem
     vocab = len(student.tokenizer) if student.tokenizer is not None else 0
     for field in ("token_top_k", "entropy_top_k"):
         if vocab and config.synthesis[field] > vocab:
