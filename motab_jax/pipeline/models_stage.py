@@ -1,8 +1,9 @@
-"""Stage "models": load teacher and student, compare them (token by token when they share a vocabulary), export
-the student."""
+"""Stage "models": load teacher and student, compare them (token by token when they share a vocabulary, and how
+their tokenizers render the job's first prompts), export the student."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from jax.sharding import Mesh
 from motab_jax.models.export import export_hf
 from motab_jax.models.factory import build_model
 from motab_jax.models.loading import load
+from motab_jax.pipeline.prompt_check import check_prompt_convention
 from motab_jax.text import VocabularyMismatchError, check_shared_vocabulary
 
 log = logging.getLogger("motab_jax")
@@ -42,6 +44,8 @@ def run_models_stage(config: Any, run_dir: Path, mesh: Mesh) -> dict[str, Any]:
         log.info("%(role)-8s %(model_type)s  %(layers)d layers  d=%(hidden)d  heads %(heads)s  "
                  "%(params_M).3fM params  vocab %(vocab)d  %(dtype)s  [%(source)s]", row)
 
+    # Also here, not only at preflight: a .gguf model's tokenizer is read only with its weights.
+    difference = check_prompt_convention(config, teacher_tok, student_tok)
     messages = [{"role": "user", "content": config.models.probe_prompt}]
     ids = student_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
     tokens = jnp.asarray([ids], jnp.int32)
@@ -64,4 +68,5 @@ def run_models_stage(config: Any, run_dir: Path, mesh: Mesh) -> dict[str, Any]:
         raise RuntimeError(f"exported student in {export_dir} reloads with logits differing by {round_trip}")
     log.info("student exported to %s (Hugging Face format); reload reproduces its logits exactly", export_dir)
     return {"models": rows, "probe_tokens": len(ids), "top1_agreement": agreement,
-            "reverse_kl": reverse_kl, "student_export": str(export_dir)}
+            "reverse_kl": reverse_kl, "student_export": str(export_dir),
+            "prompt_difference": dataclasses.asdict(difference) if difference else None}
