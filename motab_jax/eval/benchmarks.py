@@ -1,7 +1,7 @@
 """Benchmarks: bundled math sets, hub datasets, and local JSONL files, as lists of `Problem`s.
 
 A benchmark is named by a key of `BENCHMARKS` ("math500", "aime24", "aime25", "amc23", "gsm8k",
-"gpqa_diamond"), by "hub:<owner>/<name>[:<config>][@<split>]" for any hub dataset with a problem and an
+"gpqa_diamond", "ifeval"), by "hub:<owner>/<name>[:<config>][@<split>]" for any hub dataset with a problem and an
 answer column, or by a path to a local JSONL file with `problem` and `answer` fields.
 """
 
@@ -14,19 +14,22 @@ import random
 from pathlib import Path
 from typing import Literal
 
+from motab_jax.eval.ifeval import Instruction, read_prompts
+
 DATA_DIR = Path(__file__).resolve().parent / "data"
 MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 CHOICE_INSTRUCTION = ("Please reason step by step, and give your final answer as the letter of the correct option "
                       "within \\boxed{}, e.g. \\boxed{A}.")
 
-Kind = Literal["math", "gsm8k", "choice"]
+Kind = Literal["math", "gsm8k", "choice", "ifeval"]
 
 
 @dataclasses.dataclass(frozen=True)
 class Problem:
     id: str
     problem: str  # the text shown to the model (options included for multiple choice)
-    answer: str  # gold answer (a letter for multiple choice)
+    answer: str  # gold answer (a letter for multiple choice; "" for IFEval)
+    instructions: tuple[Instruction, ...] = ()  # IFEval: the verifiable instructions the response must follow
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,7 +38,7 @@ class BenchmarkSpec:
     kind: Kind
     samples: int  # default number of samples per problem (the paper's protocol)
     source: str  # "bundled:<file>", "hub:<id>[:<config>][@<split>]" or a JSONL path
-    instruction: str = MATH_INSTRUCTION
+    instruction: str = MATH_INSTRUCTION  # appended to each problem in the user message ("" for none)
 
 
 BENCHMARKS: dict[str, BenchmarkSpec] = {
@@ -46,6 +49,8 @@ BENCHMARKS: dict[str, BenchmarkSpec] = {
     "gsm8k": BenchmarkSpec("gsm8k", "gsm8k", 1, "bundled:gsm8k_test.jsonl"),
     "gpqa_diamond": BenchmarkSpec("gpqa_diamond", "choice", 8, "hub:Idavidrein/gpqa:gpqa_diamond@train",
                                   CHOICE_INSTRUCTION),
+    # The prompts are the user message as they are: they carry their own instructions.
+    "ifeval": BenchmarkSpec("ifeval", "ifeval", 1, "bundled:ifeval.jsonl", instruction=""),
 }
 
 
@@ -125,7 +130,10 @@ def _hub(reference: str, seed: int) -> list[Problem]:
 
 
 def load_problems(spec: BenchmarkSpec, *, limit: int | None = None, seed: int = 0) -> list[Problem]:
-    if spec.source.startswith("bundled:"):
+    if spec.kind == "ifeval":
+        path = DATA_DIR / spec.source.removeprefix("bundled:") if spec.source.startswith("bundled:") else spec.source
+        problems = [Problem(p.key, p.prompt, "", p.instructions) for p in read_prompts(path)]
+    elif spec.source.startswith("bundled:"):
         problems = read_jsonl_problems(DATA_DIR / spec.source.removeprefix("bundled:"))
     elif spec.source.startswith("hub:"):
         problems = _hub(spec.source.removeprefix("hub:"), seed)

@@ -1,10 +1,11 @@
-"""`evaluate`: sample every benchmark problem, grade in isolated workers, stream per-sample records, and
-summarise avg@k, pass@k and cons@k.
+"""`evaluate`: sample every benchmark problem, grade in isolated workers (IFEval's instruction checks in
+process), stream per-sample records, and summarise avg@k, pass@k and cons@k.
 
 Outputs in `output_dir`: `<benchmark>.samples.jsonl` (one fsynced line per sample: benchmark, problem id,
-sample index, prompt, completion, extracted answer, gold, correct, timed out, finish reason), and
-`summary.json` / `summary.md` with every benchmark's metrics. A rerun skips samples already graded in
-the samples file, so an interrupted evaluation resumes where it stopped.
+sample index, prompt, completion, extracted answer, gold, correct, timed out, finish reason, number of
+tokens; for IFEval also the instruction ids and each one's strict and loose verdict), and
+`summary.json` / `summary.md` with every benchmark's metrics (IFEval: its four accuracies too). A rerun
+skips samples already graded in the samples file, so an interrupted evaluation resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from typing import Any, Sequence
 from tqdm.auto import tqdm
 
 from motab_jax.eval.benchmarks import BenchmarkSpec, Problem, load_problems, resolve
-from motab_jax.eval.grading import GradingPool
-from motab_jax.eval.metrics import summarize
+from motab_jax.eval.grading import GradingPool, strip_thinking
+from motab_jax.eval.ifeval import judge, summarize_ifeval
+from motab_jax.eval.metrics import length_summary, length_table, summarize
 from motab_jax.jsonl import append_records, read_records
 from motab_jax.models.transformer import Decoder
 from motab_jax.motab.generation import GenerationConfig, generate_rows
@@ -36,7 +38,7 @@ log = logging.getLogger("motab_jax")
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
     """Defaults follow the paper: temperature 0.6, top-p 0.95, up to 32768 new tokens, 8 samples per
-    problem (1 for MATH-500 and GSM8K)."""
+    problem (1 for MATH-500, GSM8K and IFEval)."""
 
     benchmarks: tuple[str, ...] = ("math500", "aime24", "aime25", "amc23")
     samples: int = 0  # 0: each benchmark's default
@@ -66,13 +68,23 @@ def build_prompt(tokenizer: Any, problem: Problem, spec: BenchmarkSpec, config: 
 
 
 def _table(summaries: dict[str, dict[str, Any]]) -> str:
+    """Markdown: one row per benchmark (IFEval's avg@k is its prompt-level strict accuracy and it has no
+    cons@k), then IFEval's four accuracies when it was evaluated."""
     lines = ["| benchmark | problems | samples | avg@k (P@1) | pass@k | cons@k | timed out |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, s in summaries.items():
         n = s["samples_per_problem"]
+        cons = f"{100 * s[f'cons@{n}']:.2f}" if f"cons@{n}" in s else "-"
         lines.append(f"| {name} | {s['num_problems']} | {n} | {100 * s['avg@k']:.2f} ± {100 * s['avg@k_stderr']:.2f} "
-                     f"| {100 * s[f'pass@{n}']:.2f} | {100 * s[f'cons@{n}']:.2f} | {s['timed_out']} |")
-    return "\n".join(lines)
+                     f"| {100 * s[f'pass@{n}']:.2f} | {cons} | {s['timed_out']} |")
+    ifeval = {name: s for name, s in summaries.items() if s.get("kind") == "ifeval"}
+    if ifeval:
+        lines += ["", "| benchmark | prompts | instructions | prompt strict | instruction strict | prompt loose "
+                  "| instruction loose |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        lines += [f"| {name} | {s['num_problems']} | {s['num_instructions']} | {100 * s['prompt_level_strict']:.2f} "
+                  f"| {100 * s['instruction_level_strict']:.2f} | {100 * s['prompt_level_loose']:.2f} "
+                  f"| {100 * s['instruction_level_loose']:.2f} |" for name, s in ifeval.items()]
+    return "\n".join(lines + ["", length_table(summaries)])
 
 
 def evaluate(model: Decoder, tokenizer: Any, output_dir: str | os.PathLike, config: EvalConfig | None = None,
@@ -89,7 +101,7 @@ def evaluate(model: Decoder, tokenizer: Any, output_dir: str | os.PathLike, conf
     stops = default_stop_tokens(model, tokenizer)
     summaries: dict[str, dict[str, Any]] = {}
     with contextlib.ExitStack() as stack:
-        if pool is None:
+        if pool is None and any(spec.kind != "ifeval" for spec in specs):  # IFEval is judged in process
             pool = stack.enter_context(GradingPool(num_workers=config.grading_workers,
                                                    item_timeout=config.item_timeout))
         for spec in specs:
@@ -102,8 +114,27 @@ def evaluate(model: Decoder, tokenizer: Any, output_dir: str | os.PathLike, conf
     return summaries
 
 
+def _grades(spec: BenchmarkSpec, problems: Sequence[Problem], group: Sequence[tuple[tuple[int, int], Any]],
+            pool: GradingPool | None, config: EvalConfig) -> list[dict[str, Any]]:
+    """Each sample's grading fields: extracted answer, gold, correct, timed out (+ IFEval's verdicts)."""
+    if spec.kind == "ifeval":
+        # The checks are regexes and counts bounded in time (linear on any text): no worker process needed.
+        out = []
+        for (i, _), c in group:
+            verdict = judge(strip_thinking(c.text), problems[i].instructions)
+            out.append({"extracted_answer": None, "gold": None, "correct": all(verdict.strict), "timed_out": False,
+                        "instruction_ids": [ins.id for ins in problems[i].instructions],
+                        "followed_strict": list(verdict.strict), "followed_loose": list(verdict.loose)})
+        return out
+    assert pool is not None
+    grades = pool.grade([(spec.kind, c.text, problems[i].answer) for (i, _), c in group],
+                        deadline=config.grading_deadline)
+    return [{"extracted_answer": g.extracted, "gold": problems[i].answer, "correct": g.correct,
+             "timed_out": g.timed_out} for ((i, _), _), g in zip(group, grades)]
+
+
 def _evaluate_one(model: Decoder, tokenizer: Any, spec: BenchmarkSpec, config: EvalConfig, rule: Any,
-                  stops: Sequence[int], pool: GradingPool, path: Path, progress: bool) -> dict[str, Any]:
+                  stops: Sequence[int], pool: GradingPool | None, path: Path, progress: bool) -> dict[str, Any]:
     problems = load_problems(spec, limit=config.limit or None, seed=config.seed)
     done = read_records(path, ("problem_id", "sample_index"))
     todo = [(i, j) for i, p in enumerate(problems) for j in range(spec.samples) if (p.id, j) not in done]
@@ -124,25 +155,25 @@ def _evaluate_one(model: Decoder, tokenizer: Any, spec: BenchmarkSpec, config: E
     for n, (index, row) in enumerate(stream, 1):
         group.append((todo[index], completion(row.tokens, None, row.hit_stop, tokenizer)))
         if len(group) == config.batch_size or n == len(todo):
-            grades = pool.grade([(spec.kind, c.text, problems[i].answer) for (i, _), c in group],
-                                deadline=config.grading_deadline)
             records = ({"benchmark": spec.name, "problem_id": problems[i].id, "sample_index": j,
-                        "prompt": prompts[i][0], "completion": c.text, "extracted_answer": grade.extracted,
-                        "gold": problems[i].answer, "correct": grade.correct, "timed_out": grade.timed_out,
-                        "finish_reason": c.finish_reason, "num_tokens": len(c.token_ids)}
-                       for ((i, j), c), grade in zip(group, grades))
+                        "prompt": prompts[i][0], "completion": c.text, "finish_reason": c.finish_reason,
+                        "num_tokens": len(c.token_ids), **grade}
+                       for ((i, j), c), grade in zip(group, _grades(spec, problems, group, pool, config)))
             for _ in append_records(path, records):
                 bar.update(1)
             group = []
     bar.close()
     records = read_records(path, ("problem_id", "sample_index"))
-    per_problem = []
-    for p in problems:
-        rows = [records[(p.id, j)] for j in range(spec.samples)]
-        per_problem.append({"correct": [r["correct"] for r in rows], "answers": [r["extracted_answer"] for r in rows]})
-    summary = summarize(per_problem)
+    rows = [[records[(p.id, j)] for j in range(spec.samples)] for p in problems]
+    summary = summarize([{"correct": [r["correct"] for r in samples],
+                          "answers": [r["extracted_answer"] for r in samples]} for samples in rows])
+    if spec.kind == "ifeval":  # avg@k is the prompt-level strict accuracy; majority voting has no meaning here
+        summary.pop(f"cons@{spec.samples}")
+        summary.pop(f"cons@{spec.samples}_stderr")
+        summary.update(summarize_ifeval(rows))
     ids = {p.id for p in problems}
     summary["timed_out"] = sum(r["timed_out"] for r in records.values() if r["problem_id"] in ids)
     summary["kind"] = spec.kind
+    summary.update(length_summary([r for samples in rows for r in samples]))  # truncation, lengths
     log.info("%s: avg@%d %.4f over %d problems", spec.name, spec.samples, summary["avg@k"], len(problems))
     return summary
