@@ -171,5 +171,6 @@ def test_results_md_reports_truncation_and_lengths() -> None:
                   "seconds": 12.0}
     text = final_summary({"eval": evaluation}, wall_seconds=1.0)
     assert "| teacher | 75.0 | 25.0 |" in text
-    assert "| teacher | aime24 | 25.0% | 400 / 250 / 790 | 50.0% | 66.7% |" in text.split("## Truncation and lengths")[1]
+    lengths = text.split("## Truncation and lengths")[1]
+    assert "| teacher | aime24 | 25.0% | 400 / 250 / 790 | 50.0% | 66.7% |" in lengths
     assert "## Truncation and lengths" not in final_summary({"eval": {"teacher": {"math500": 0.25}}}, 1.0)

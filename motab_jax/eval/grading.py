@@ -48,7 +48,7 @@ MAX_COMPLETION_CHARS = 10_000
 MAX_BRACE_DEPTH = 12
 MAX_EXTRACTED_CHARS = 1_000
 MAX_ANCHORED_ANSWER_CHARS = 100
-DEFAULT_TIMEOUT_S = 5.0  # seconds a public grader call may grade (the pool's and the harness's per-item default)
+DEFAULT_TIMEOUT_S = 5.0  # seconds a public grader call may grade (also GradingPool's per-item default)
 LOOP_WINDOW_CHARS = 1_000  # ends_in_loop: a tail this long ...
 LOOP_MAX_UNIT_CHARS = 250  # ... made of one repeated unit at most this long (so at least 4 copies)
 

@@ -54,7 +54,8 @@ def length_rows(evaluation: dict[str, Any]) -> list[str]:
     if not rows:
         return []
     return ["| model | benchmark | truncated (hit max_new_tokens) | generated tokens mean / p50 / p90 | "
-            "accuracy, truncated = wrong | accuracy, not truncated |", "| --- | --- | ---: | ---: | ---: | ---: |", *rows]
+            "accuracy, truncated = wrong | accuracy, not truncated |",
+            "| --- | --- | ---: | ---: | ---: | ---: |", *rows]
 
 
 def synthesis_table(synthesis: dict[str, Any]) -> list[str]:
