@@ -31,12 +31,12 @@ def _edit_config(folder, **changes):
 
 def test_unsupported_model_type_lists_supported(checkpoint):
     _edit_config(checkpoint, model_type="mistral")
-    with pytest.raises(UnsupportedModelError, match=r"'mistral'.*\['llama', 'qwen2', 'qwen3'\]"):
+    with pytest.raises(UnsupportedModelError, match=r"'mistral'.*\['gpt_oss', 'llama', 'qwen2', 'qwen3'\]"):
         motab_jax.load(checkpoint)
 
 
 @pytest.mark.parametrize("changes,pattern", [
-    ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6}}, "rope_type 'yarn'"),
+    ({"rope_parameters": {"rope_type": "longrope", "factor": 4.0, "rope_theta": 1e6}}, "rope_type 'longrope'"),
     ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
     ({"use_sliding_window": True}, "use_sliding_window"),
 ])

@@ -22,6 +22,11 @@ configuration materialises dense [T, S] float32 scores ("xla", "jax") or not.
 
 Masks are built from positions, never materialised per layer by callers: a query at index i may see a
 key at index j when j <= i (causal, by index in the buffer) and both carry the same segment id.
+
+`AttentionExtras` carries what gpt-oss adds: a learned per-head sink logit in every softmax (dropped after
+it, so rows sum to less than 1) and a per-layer sliding window (key j visible iff i - window < j). Both are
+computed exactly by "xla", which every call with extras runs (the fused kernels here take neither a
+dynamic window nor sinks in jax 0.10.2).
 """
 
 from __future__ import annotations
@@ -66,13 +71,49 @@ class AttentionMask:
         return mask[:, None]
 
 
-def _xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["sinks", "window"], meta_fields=[])
+@dataclasses.dataclass(frozen=True)
+class AttentionExtras:
+    """Per-layer attention options beyond causal masking (gpt-oss); None = absent."""
+
+    sinks: jax.Array | None = None  # [H]: a logit per head that joins every softmax and is then dropped
+    window: jax.Array | None = None  # int32 scalar: keys at positions > query position - window; 0 = full
+
+    @property
+    def any(self) -> bool:
+        return self.sinks is not None or self.window is not None
+
+
+NO_EXTRAS = AttentionExtras()
+
+
+def window_allows(q_pos: jax.Array, kv_pos: jax.Array, window: jax.Array | None) -> jax.Array | bool:
+    """Whether a key at `kv_pos` is inside the query's sliding window (broadcasting; True without one)."""
+    if window is None:
+        return True
+    return (window <= 0) | (kv_pos > q_pos - window)
+
+
+def softmax_with_sinks(scores: jax.Array, sinks: jax.Array | None) -> jax.Array:
+    """Softmax over the last axis of float32 scores [B, K, G, T, S]; with sinks [K * G] each row's
+    denominator also holds exp(sink) (the sink column is dropped)."""
+    if sinks is None:
+        return jax.nn.softmax(scores, axis=-1)
+    b, kv_heads, group = scores.shape[:3]
+    sink = sinks.astype(jnp.float32).reshape(1, kv_heads, group, 1, 1)
+    top = jnp.maximum(scores.max(axis=-1, keepdims=True), sink)
+    exp = jnp.exp(scores - top)
+    return exp / (exp.sum(axis=-1, keepdims=True) + jnp.exp(sink - top))
+
+
+def _xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float,
+                   sinks: jax.Array | None = None) -> jax.Array:
     b, t, h, d = q.shape
     kv_heads = k.shape[2]
     q = q.reshape(b, t, kv_heads, h // kv_heads, d)
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
     scores = jnp.where(mask[:, :, None], scores, NEG_INF)  # mask [B,1,T,S] -> [B,1,1,T,S]
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    probs = softmax_with_sinks(scores, sinks).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
     return out.reshape(b, t, h, d).astype(q.dtype)
 
@@ -186,9 +227,14 @@ def resolve_impl(impl: str, *, self_attention: bool, segmented: bool, length: in
     return impl
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, impl: str = "auto") -> jax.Array:
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, impl: str = "auto",
+              extras: AttentionExtras = NO_EXTRAS) -> jax.Array:
     """q [B, T, H, D], k/v [B, S, K, D] with K dividing H -> [B, T, H, D]."""
     scale = q.shape[-1] ** -0.5
+    if extras.any:
+        dense = mask.dense() & window_allows(mask.q_index[:, None, :, None], mask.kv_index[:, None, None, :],
+                                             extras.window)
+        return _xla_attention(q, k, v, dense, scale, extras.sinks)
     impl = resolve_impl(impl, self_attention=mask.self_attention, segmented=mask.q_segment is not None,
                         length=q.shape[1], head_dim=q.shape[-1], dtype=q.dtype)
     if impl == "splash":

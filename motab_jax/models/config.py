@@ -1,7 +1,8 @@
 """Typed model configuration, read from (and written back to) a Hugging Face `config.json`.
 
 One decoder covers the supported families; the family only decides which optional parts exist
-(q/k/v biases for Qwen2, per-head q/k RMSNorm for Qwen3) and how `config.json` is written back.
+(q/k/v biases for Qwen2, per-head q/k RMSNorm for Qwen3; for gpt-oss a mixture-of-experts MLP, attention
+sinks, per-layer sliding windows, YaRN RoPE and float32 norm weights) and how `config.json` is written back.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ SUPPORTED_MODEL_TYPES: dict[str, str] = {
     "llama": "LlamaForCausalLM",  # Llama 2/3.x, SmolLM/SmolLM2, any Llama-architecture checkpoint
     "qwen2": "Qwen2ForCausalLM",  # Qwen2 / Qwen2.5
     "qwen3": "Qwen3ForCausalLM",  # Qwen3 dense
+    "gpt_oss": "GptOssForCausalLM",  # gpt-oss-20b / gpt-oss-120b (mixture of experts)
 }
-SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
+SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear", "yarn")
 RematPolicy = Literal["none", "full", "dots", "dots_no_batch"]
 AttentionImpl = Literal["auto", "xla", "jax", "cudnn", "splash", "pallas_gpu"]
 DTYPES = {"float32": np.float32, "bfloat16": "bfloat16", "float16": np.float16}
@@ -31,7 +33,7 @@ class UnsupportedModelError(MotabInputError):
 
 @dataclasses.dataclass(frozen=True)
 class RopeConfig:
-    """Rotary embedding parameters (`rope_type` "default", "llama3" or "linear")."""
+    """Rotary embedding parameters (`rope_type` "default", "llama3", "linear" or "yarn")."""
 
     theta: float = 10000.0
     rope_type: str = "default"
@@ -39,6 +41,20 @@ class RopeConfig:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    # YaRN (gpt-oss: beta_fast 32, beta_slow 1, not truncated; attention_factor 0 = 0.1 ln(factor) + 1).
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    truncate: bool = True
+    attention_factor: float = 0.0
+
+    @property
+    def attention_scaling(self) -> float:
+        """The factor YaRN multiplies cos and sin by (1 for the other types)."""
+        if self.rope_type != "yarn":
+            return 1.0
+        if self.attention_factor:
+            return self.attention_factor
+        return 1.0 if self.factor <= 1 else 0.1 * math.log(self.factor) + 1.0
 
     def inverse_frequencies(self, head_dim: int) -> np.ndarray:
         """Per-pair inverse frequencies [head_dim // 2] in float64, as Hugging Face computes them."""
@@ -57,7 +73,27 @@ class RopeConfig:
             smoothed = (1 - smooth) * scaled / self.factor + smooth * scaled
             medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
             return np.where(medium, smoothed, scaled)
+        if self.rope_type == "yarn":
+            return self._yarn(inv_freq, head_dim)
         return inv_freq
+
+    def _yarn(self, inv_freq: np.ndarray, head_dim: int) -> np.ndarray:
+        """YaRN (arXiv 2309.00071) as transformers computes it: interpolated below the correction range,
+        extrapolated above it, a linear ramp between."""
+        def correction_dim(rotations: float) -> float:
+            return (head_dim * math.log(self.original_max_position_embeddings / (rotations * 2 * math.pi))
+                    / (2 * math.log(self.theta)))
+
+        low, high = correction_dim(self.beta_fast), correction_dim(self.beta_slow)
+        if self.truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, head_dim - 1)
+        if low == high:
+            high += 0.001  # as transformers does, to avoid a division by zero
+        ramp = np.clip((np.arange(head_dim // 2, dtype=np.float32) - low) / (high - low), 0, 1).astype(np.float64)
+        extrapolation = 1 - ramp
+        interpolated = (inv_freq / self.factor).astype(np.float32).astype(np.float64)
+        return interpolated * (1 - extrapolation) + inv_freq * extrapolation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,6 +116,21 @@ class ModelConfig:
     o_bias: bool = False  # Llama/Qwen3 attention_bias=True also biases o_proj
     mlp_bias: bool = False
     qk_norm: bool = False  # Qwen3
+    # Mixture of experts (gpt-oss): `intermediate_size` is then each expert's. The router picks
+    # `experts_per_token` of `num_experts` by raw logit and weights them by a softmax over those k logits.
+    num_experts: int = 0
+    experts_per_token: int = 0
+    swiglu_limit: float = 7.0  # the experts' clamped SwiGLU: gate <= limit, |up| <= limit
+    swiglu_alpha: float = 1.702
+    moe_impl: str = "grouped"  # "grouped" (ragged_dot over the routed assignments) or "dense" (the reference)
+    # Mesh axes the experts dimension is split over: set by loading from the placement rules (`expert_axes_for`),
+    # read by the MoE layer to run expert-parallel; () = every device holds every expert.
+    expert_axes: tuple[str, ...] = ()
+    # Per-layer attention window (keys with position > query - window); 0 = full causal. gpt-oss: 128 on even
+    # layers. Scanned with the layers, so one compiled layer serves both kinds.
+    layer_windows: tuple[int, ...] = ()
+    attention_sinks: bool = False  # a learned per-head logit in every softmax, dropped afterwards (gpt-oss)
+    norm_weight_float32: bool = False  # RMSNorm multiplies its weight in float32, then casts (gpt-oss)
     # Logits are returned over the first `logits_vocab_size` rows: the tokenizer's vocabulary, so that
     # two models whose embeddings are padded differently (151936 vs 152064 rows) line up. 0 = all rows.
     logits_vocab_size: int = 0
@@ -109,6 +160,13 @@ class ModelConfig:
             raise ValueError(f"remat={self.remat!r}; accepted: {get_args(RematPolicy)}")
         if self.attention_impl not in get_args(AttentionImpl):
             raise ValueError(f"attention_impl={self.attention_impl!r}; accepted: {get_args(AttentionImpl)}")
+        if self.num_experts and not 0 < self.experts_per_token <= self.num_experts:
+            raise ValueError(f"experts_per_token={self.experts_per_token} must be in [1, num_experts="
+                             f"{self.num_experts}]")
+        if self.moe_impl not in ("grouped", "dense"):
+            raise ValueError(f"moe_impl={self.moe_impl!r}; accepted: 'grouped', 'dense'")
+        if self.layer_windows and len(self.layer_windows) != self.num_layers:
+            raise ValueError(f"layer_windows has {len(self.layer_windows)} entries for {self.num_layers} layers")
         if not 0 <= self.logits_vocab_size <= self.vocab_size:
             raise ValueError(f"logits_vocab_size={self.logits_vocab_size} must be in [0, vocab_size={self.vocab_size}]")
 
@@ -121,12 +179,34 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
     @property
-    def num_params(self) -> int:
-        d, f, h, k, hd = self.hidden_size, self.intermediate_size, self.num_heads, self.num_kv_heads, self.head_dim
-        per_layer = d * (h + 2 * k) * hd + h * hd * d + 3 * d * f + 2 * d
-        per_layer += (h + 2 * k) * hd * self.qkv_bias + 2 * hd * self.qk_norm
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    @property
+    def has_windows(self) -> bool:
+        return any(self.layer_windows)
+
+    def _expert_params(self) -> int:
+        """One expert's MLP parameters (with biases for MoE experts)."""
+        d, f = self.hidden_size, self.intermediate_size
+        return 3 * d * f + (2 * f + d) * self.is_moe + (2 * f + d) * (self.mlp_bias and not self.is_moe)
+
+    def _params(self, experts: int) -> int:
+        d, h, k, hd = self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim
+        per_layer = d * (h + 2 * k) * hd + h * hd * d + 2 * d
+        per_layer += (h + 2 * k) * hd * self.qkv_bias + d * self.o_bias + 2 * hd * self.qk_norm + h * self.attention_sinks
+        per_layer += experts * self._expert_params() + (d + 1) * self.num_experts
         head = 0 if self.tie_word_embeddings else d * self.vocab_size
         return self.num_layers * per_layer + self.vocab_size * d + head + d
+
+    @property
+    def num_params(self) -> int:
+        return self._params(self.num_experts or 1)
+
+    @property
+    def num_active_params(self) -> int:
+        """Parameters one token reads: all but the experts it is not routed to."""
+        return self._params(self.experts_per_token or 1)
 
 
 def _read_rope(hf: dict[str, Any], source: str) -> RopeConfig:
@@ -145,6 +225,13 @@ def _read_rope(hf: dict[str, Any], source: str) -> RopeConfig:
         raise UnsupportedModelError(f"{source}: partial_rotary_factor != 1 is not supported")
     if rope_type == "default":
         return RopeConfig(theta=theta)
+    if rope_type == "yarn":
+        return RopeConfig(
+            theta=theta, rope_type="yarn", factor=float(params["factor"]),
+            beta_fast=float(params.get("beta_fast") or 32.0), beta_slow=float(params.get("beta_slow") or 1.0),
+            truncate=bool(params.get("truncate", True)), attention_factor=float(params.get("attention_factor") or 0.0),
+            original_max_position_embeddings=int(params.get("original_max_position_embeddings",
+                                                            hf.get("max_position_embeddings", 4096))))
     if rope_type == "linear":
         return RopeConfig(theta=theta, rope_type="linear", factor=float(params["factor"]))
     return RopeConfig(
@@ -165,12 +252,12 @@ def config_from_hf(hf: dict[str, Any], *, source: str = "config.json", **overrid
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise UnsupportedModelError(
             f"{source}: model_type {model_type!r} is not supported; supported model types: "
-            f"{sorted(SUPPORTED_MODEL_TYPES)} (Llama 3.x / SmolLM2, Qwen2 / Qwen2.5, Qwen3)"
+            f"{sorted(SUPPORTED_MODEL_TYPES)} (gpt-oss, Llama 3.x / SmolLM2, Qwen2 / Qwen2.5, Qwen3)"
         )
     act = hf.get("hidden_act", "silu")
     if act != "silu":
         raise UnsupportedModelError(f"{source}: hidden_act {act!r} is not supported; supported: 'silu'")
-    if hf.get("use_sliding_window"):
+    if model_type != "gpt_oss" and hf.get("use_sliding_window"):
         raise UnsupportedModelError(f"{source}: use_sliding_window=true is not supported (full attention only)")
     missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                            "num_attention_heads") if k not in hf]
@@ -202,8 +289,33 @@ def config_from_hf(hf: dict[str, Any], *, source: str = "config.json", **overrid
         pad_token_id=hf.get("pad_token_id"),
         source_config_json=json.dumps(hf, sort_keys=True),
     )
+    if model_type == "gpt_oss":
+        fields.update(_gpt_oss_fields(hf, source))
     fields.update(overrides)
     return ModelConfig(**fields)
+
+
+def _gpt_oss_fields(hf: dict[str, Any], source: str) -> dict[str, Any]:
+    """What gpt-oss adds: experts, sinks, per-layer windows (transformers' default layer_types: sliding on even
+    layers), float32 norm weights, q/k/v/o biases."""
+    layers = int(hf["num_hidden_layers"])
+    layer_types = hf.get("layer_types") or ["sliding_attention" if i % 2 == 0 else "full_attention"
+                                            for i in range(layers)]
+    unknown = sorted(set(layer_types) - {"sliding_attention", "full_attention"})
+    if unknown or len(layer_types) != layers:
+        raise UnsupportedModelError(f"{source}: layer_types {unknown or layer_types} not supported; expected one of "
+                                    "'sliding_attention' / 'full_attention' per layer")
+    window = int(hf.get("sliding_window") or 0)
+    experts = hf.get("num_local_experts", hf.get("num_experts"))
+    top_k = hf.get("num_experts_per_tok", hf.get("experts_per_token"))
+    if not experts or not top_k:
+        raise ValueError(f"{source}: gpt_oss needs num_local_experts and num_experts_per_tok")
+    bias = bool(hf.get("attention_bias", True))
+    return dict(num_experts=int(experts), experts_per_token=int(top_k),
+                swiglu_limit=float(hf.get("swiglu_limit", 7.0)), swiglu_alpha=float(hf.get("swiglu_alpha", 1.702)),
+                layer_windows=tuple(window if t == "sliding_attention" else 0 for t in layer_types),
+                attention_sinks=True, norm_weight_float32=True, qkv_bias=bias, o_bias=bias, mlp_bias=False,
+                rms_norm_eps=float(hf.get("rms_norm_eps", 1e-5)))
 
 
 def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
@@ -217,6 +329,11 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     if cfg.rope.rope_type == "llama3":
         rope.update(low_freq_factor=cfg.rope.low_freq_factor, high_freq_factor=cfg.rope.high_freq_factor,
                     original_max_position_embeddings=cfg.rope.original_max_position_embeddings)
+    if cfg.rope.rope_type == "yarn":
+        rope.update(beta_fast=cfg.rope.beta_fast, beta_slow=cfg.rope.beta_slow, truncate=cfg.rope.truncate,
+                    original_max_position_embeddings=cfg.rope.original_max_position_embeddings)
+        if cfg.rope.attention_factor:
+            rope["attention_factor"] = cfg.rope.attention_factor
     eos: Any = list(cfg.eos_token_ids) if len(cfg.eos_token_ids) != 1 else cfg.eos_token_ids[0]
     hf.update(
         model_type=cfg.model_type,
@@ -246,4 +363,12 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         hf.update(attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias)
     elif cfg.model_type == "qwen3":
         hf.update(attention_bias=cfg.qkv_bias)
+    elif cfg.model_type == "gpt_oss":
+        # Exported dequantized (bf16 experts): the MXFP4 quantization_config no longer describes the tensors.
+        hf.pop("quantization_config", None)
+        hf.update(attention_bias=cfg.qkv_bias, num_local_experts=cfg.num_experts,
+                  num_experts_per_tok=cfg.experts_per_token, experts_per_token=cfg.experts_per_token,
+                  swiglu_limit=cfg.swiglu_limit, swiglu_alpha=cfg.swiglu_alpha,
+                  sliding_window=max(cfg.layer_windows, default=0) or None,
+                  layer_types=["sliding_attention" if w else "full_attention" for w in cfg.layer_windows])
     return hf

@@ -64,6 +64,14 @@ HF_TABLE: tuple[HFKey, ...] = (
     HFKey(_L + "mlp.gate_proj.bias", "layers.b_gate"),
     HFKey(_L + "mlp.up_proj.bias", "layers.b_up"),
     HFKey(_L + "mlp.down_proj.bias", "layers.b_down"),
+    # gpt-oss: sinks, router, experts (stored [E, in, out] already, and gate/up interleaved as we keep them).
+    HFKey(_L + "self_attn.sinks", "layers.sinks"),
+    HFKey(_L + "mlp.router.weight", "layers.router", 1),
+    HFKey(_L + "mlp.router.bias", "layers.router_bias"),
+    HFKey(_L + "mlp.experts.gate_up_proj", "layers.expert_gate_up"),
+    HFKey(_L + "mlp.experts.gate_up_proj_bias", "layers.expert_gate_up_bias"),
+    HFKey(_L + "mlp.experts.down_proj", "layers.expert_down"),
+    HFKey(_L + "mlp.experts.down_proj_bias", "layers.expert_down_bias"),
     HFKey("model.norm.weight", "final_norm"),
     HFKey("lm_head.weight", "lm_head", 1),
 )

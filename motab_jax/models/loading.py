@@ -22,11 +22,13 @@ from tqdm.auto import tqdm
 
 from motab_jax.models.config import DTYPES, ModelConfig, config_from_hf
 from motab_jax.models.hf_mapping import hf_keys, layer_shape
+from motab_jax.models.mxfp4 import Mxfp4Tensors, is_mxfp4
 from motab_jax.models.safetensors_io import SafetensorsFile
-from motab_jax.models.sharding import DEFAULT_RULES, Rules, logical_sharding
+from motab_jax.models.sharding import DEFAULT_RULES, Rules, logical_sharding, logical_to_spec
 from motab_jax.models.transformer import (
     Decoder,
     abstract_decoder,
+    param_dtype,
     param_shape,
     param_specs,
     param_values,
@@ -42,6 +44,8 @@ class TensorSource(Protocol):
     """Named Hugging Face tensors, read lazily."""
 
     def names(self) -> set[str]: ...
+
+    def shape(self, name: str) -> tuple[int, ...]: ...
 
     def get(self, name: str) -> np.ndarray: ...
 
@@ -74,6 +78,9 @@ class SafetensorsFolder:
     def names(self) -> set[str]:
         return set(self._where)
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._where[name].shape(name))
+
     def get(self, name: str) -> np.ndarray:
         return self._where[name].get(name)
 
@@ -84,6 +91,9 @@ class InMemoryTensors:
 
     def names(self) -> set[str]:
         return set(self._tensors)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._tensors[name].shape)
 
     def get(self, name: str) -> np.ndarray:
         return self._tensors[name]
@@ -98,6 +108,19 @@ def param_shardings(cfg: ModelConfig, mesh: Mesh | None, rules: Rules = DEFAULT_
             for name, spec in param_specs(cfg).items()}
 
 
+def placed_config(cfg: ModelConfig, mesh: Mesh | None, rules: Rules = DEFAULT_RULES) -> ModelConfig:
+    """`cfg` with what the placement decides that the forward pass must know: the mesh axes the experts are
+    split over (`expert_axes`, for the expert-parallel MoE layer)."""
+    if not cfg.is_moe:
+        return cfg
+    axes: tuple[str, ...] = ()
+    if mesh is not None:
+        spec = param_specs(cfg)["layers.expert_down"]
+        entry = logical_to_spec(spec.axes, param_shape(cfg, spec), mesh, rules)[1]
+        axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+    return cfg.replace(expert_axes=axes)
+
+
 def resharded(model: Decoder, rules: Rules, mesh: Mesh | None = None) -> Decoder:
     """`model` with its parameters placed by `rules` on `mesh` (default: the mesh they are on; the same model
     when they are on no mesh and none is given), as a copy: e.g. the training student placed for sampling."""
@@ -105,14 +128,16 @@ def resharded(model: Decoder, rules: Rules, mesh: Mesh | None = None) -> Decoder
     sharding = next(iter(values.values())).sharding
     if mesh is None and not isinstance(sharding, jax.sharding.NamedSharding):
         return model
-    shardings = param_shardings(model.config, mesh if mesh is not None else sharding.mesh, rules)
-    copy = abstract_decoder(model.config)
+    mesh = mesh if mesh is not None else sharding.mesh
+    shardings = param_shardings(model.config, mesh, rules)
+    copy = abstract_decoder(placed_config(model.config, mesh, rules))
     set_param_values(copy, {name: jax.device_put(v, shardings[name]) for name, v in values.items()})
     return copy
 
 
 def init_random(cfg: ModelConfig, *, seed: int = 0, mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES) -> Decoder:
     """A randomly initialised Decoder, each parameter created directly in its target sharding."""
+    cfg = placed_config(cfg, mesh, rules)
     make = jax.jit(lambda: param_values(Decoder(cfg, rngs=nnx.Rngs(seed))),
                    out_shardings=param_shardings(cfg, mesh, rules))
     model = abstract_decoder(cfg)
@@ -123,7 +148,6 @@ def init_random(cfg: ModelConfig, *, seed: int = 0, mesh: Mesh | None = None, ru
 def load_params(cfg: ModelConfig, source: TensorSource, mesh: Mesh | None = None,
                 where: str = "checkpoint", rules: Rules = DEFAULT_RULES) -> dict[str, jax.Array]:
     """Read every parameter of `cfg` from `source`, each placed with its target sharding."""
-    dtype = np.dtype(jax.numpy.dtype(cfg.param_dtype))
     specs = param_specs(cfg)
     available = source.names()
     keys = hf_keys(cfg)
@@ -140,23 +164,37 @@ def load_params(cfg: ModelConfig, source: TensorSource, mesh: Mesh | None = None
     for key in bar:
         shape = param_shape(cfg, specs[key.param])
         sharding = shardings[key.param]
+        dtype = np.dtype(param_dtype(cfg, specs[key.param]))
 
-        def read(index: tuple[slice, ...], key=key, shape=shape) -> np.ndarray:
+        # Expert weights are read only for the experts a device holds (MXFP4 dequantizes only those).
+        by_expert = key.per_layer and specs[key.param].axes[1] == "experts" and not key.transposed_in_axes
+
+        def read(index: tuple[slice, ...], key=key, shape=shape, dtype=dtype, by_expert=by_expert) -> np.ndarray:
             if not key.per_layer:
                 return np.asarray(key.to_ours(source.get(key.hf_name), shape)[index], dtype=dtype)
             layers = range(cfg.num_layers)[index[0]]
+            if by_expert:
+                experts = len(range(shape[1])[index[1]])
+                return np.stack([np.asarray(key.to_ours(_rows(source, key.hf_name.format(i=i), index[1]),
+                                                        (experts, *shape[2:]))[(slice(None), *index[2:])],
+                                            dtype=dtype) for i in layers])
             return np.stack([np.asarray(key.to_ours(source.get(key.hf_name.format(i=i)), shape[1:])[index[1:]],
                                         dtype=dtype) for i in layers])
 
         for i in (range(cfg.num_layers) if key.per_layer else [None]):
             name = key.hf_name.format(i=i)
-            got = source.get(name).shape
+            got = source.shape(name)
             want = layer_shape(cfg, key)
             if int(np.prod(got)) != int(np.prod(want)):
                 raise ValueError(f"{where}: tensor {name} has shape {tuple(got)}, but config.json implies "
                                  f"{key.param} of shape {want}")
         params[key.param] = jax.make_array_from_callback(shape, sharding, read)
     return params
+
+
+def _rows(source: TensorSource, name: str, rows: slice) -> np.ndarray:
+    get_rows = getattr(source, "get_rows", None)
+    return get_rows(name, rows) if get_rows is not None else source.get(name)[rows]
 
 
 def is_hub_offline() -> bool:
@@ -220,6 +258,8 @@ def load(path_or_hub_id: str | os.PathLike, *, dtype: str = "bfloat16", mesh: Me
             raise FileNotFoundError(f"{path}: no config.json; is this a Hugging Face model folder?")
         hf_config = json.loads(config_file.read_text())
         source = SafetensorsFolder(path)
+        if is_mxfp4(hf_config):  # gpt-oss as released: experts in MXFP4, dequantized expert by expert
+            source = Mxfp4Tensors(source)
         try:
             tokenizer = load_tokenizer(path)
         except FileNotFoundError as e:
@@ -230,6 +270,7 @@ def load(path_or_hub_id: str | os.PathLike, *, dtype: str = "bfloat16", mesh: Me
     cfg = config_from_hf(hf_config, source=str(path / "config.json") if path.is_dir() else str(path), **fields)
     if tokenizer is not None and "logits_vocab_size" not in config_overrides:
         cfg = cfg.replace(logits_vocab_size=vocab_for_logits(cfg, len(tokenizer), str(path)))
+    cfg = placed_config(cfg, mesh, rules)
     model = abstract_decoder(cfg)
     set_param_values(model, load_params(cfg, source, mesh, where=str(path), rules=rules))
     return model, tokenizer

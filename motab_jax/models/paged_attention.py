@@ -17,6 +17,9 @@ discarded). A query sees the cached positions before it and the new tokens up to
   mode on CPU in jax 0.10.2; the tests check our inputs through the package's own Python reference
   (`ref_ragged_paged_attention`) and `experiments/bench_paged.py --preset gpu` checks the kernel on a TPU.
 - "auto": "pallas_tpu" on TPU, "pallas_gpu" on GPU, "reference" elsewhere.
+
+Attention sinks and sliding windows (gpt-oss, `AttentionExtras`) are computed by "reference" only: the loop
+then starts at the first block inside the window, so a windowed layer reads O(window) positions per query.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
+
+from motab_jax.models.attention import NO_EXTRAS, AttentionExtras, window_allows
 
 if TYPE_CHECKING:
     from motab_jax.models.paged_cache import PagedKVCache, PagedLayout
@@ -54,11 +59,14 @@ def layout_of(impl: str) -> PagedLayout:
 
 
 def paged_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array, cache: PagedKVCache, layer: jax.Array,
-                    starts: jax.Array, num_valid: jax.Array) -> jax.Array:
+                    starts: jax.Array, num_valid: jax.Array, extras: AttentionExtras = NO_EXTRAS) -> jax.Array:
     """q [B, T, H, D], the new tokens' k_new / v_new [B, T, Hkv, D] (already in `cache`) -> [B, T, H, D]."""
     if cache.impl == "reference":
         positions = starts[:, None] + jnp.arange(q.shape[1], dtype=jnp.int32)[None, :]
-        return reference_paged_attention(q, cache, layer, positions, starts + num_valid)
+        return reference_paged_attention(q, cache, layer, positions, starts + num_valid, extras=extras)
+    if extras.any:
+        raise ValueError(f"paged attention impl={cache.impl!r} has no attention sinks or sliding windows; this "
+                         "model needs impl='reference' (what 'auto' picks for it)")
     if cache.impl == "pallas_gpu":
         return gpu_paged_attention(q, k_new, v_new, cache, layer, starts, num_valid,
                                    interpret=jax.default_backend() != "gpu")
@@ -72,8 +80,10 @@ def paged_attention(q: jax.Array, k_new: jax.Array, v_new: jax.Array, cache: Pag
 
 # ---------------------------------------------------------------------------------------------- reference
 def reference_paged_attention(q: jax.Array, cache: PagedKVCache, layer: jax.Array, positions: jax.Array,
-                              kv_len: jax.Array, block_tokens: int = REFERENCE_BLOCK_TOKENS) -> jax.Array:
-    """Queries at `positions` [B, T] attend to cached positions j <= position with j < kv_len [B]."""
+                              kv_len: jax.Array, block_tokens: int = REFERENCE_BLOCK_TOKENS,
+                              extras: AttentionExtras = NO_EXTRAS) -> jax.Array:
+    """Queries at `positions` [B, T] attend to cached positions j <= position with j < kv_len [B] (and inside
+    the sliding window, with sinks in the softmax, when `extras` has them)."""
     b, t, h, d = q.shape
     hkv = cache.num_kv_heads
     pages_per_block = max(1, block_tokens // cache.page_size)
@@ -82,6 +92,10 @@ def reference_paged_attention(q: jax.Array, cache: PagedKVCache, layer: jax.Arra
     table = jnp.pad(cache.page_table, ((0, 0), (0, num_blocks * pages_per_block - cache.pages_per_seq)))
     qg = (q * d ** -0.5).reshape(b, t, hkv, h // hkv, d)
     live_blocks = (jnp.max(kv_len) + block - 1) // block
+    first_block = jnp.int32(0)
+    if extras.window is not None:  # blocks wholly before every query's window are skipped
+        earliest = jnp.min(jnp.where(positions >= 0, positions, jnp.iinfo(jnp.int32).max)) - extras.window + 1
+        first_block = jnp.where(extras.window > 0, jnp.maximum(earliest, 0) // block, 0).astype(jnp.int32)
 
     def body(carry):
         i, m, l, acc = carry
@@ -90,6 +104,7 @@ def reference_paged_attention(q: jax.Array, cache: PagedKVCache, layer: jax.Arra
         scores = jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(q.dtype), preferred_element_type=jnp.float32)
         kv_pos = i * block + jnp.arange(block, dtype=jnp.int32)
         allowed = (kv_pos[None, None, :] <= positions[:, :, None]) & (kv_pos[None, None, :] < kv_len[:, None, None])
+        allowed &= window_allows(positions[:, :, None], kv_pos[None, None, :], extras.window)
         allowed = allowed[:, None, None]  # [B, 1, 1, T, S]
         scores = jnp.where(allowed, scores, NEG_INF)
         m_next = jnp.maximum(m, scores.max(axis=-1))
@@ -101,8 +116,13 @@ def reference_paged_attention(q: jax.Array, cache: PagedKVCache, layer: jax.Arra
         return i + 1, m_next, l, acc * correction[..., None] + pv
 
     stats = jnp.full((b, hkv, h // hkv, t), NEG_INF, jnp.float32)
-    init = (jnp.int32(0), stats, jnp.zeros_like(stats), jnp.zeros((b, hkv, h // hkv, t, d), jnp.float32))
-    _, _, l, acc = jax.lax.while_loop(lambda c: c[0] < live_blocks, body, init)
+    init = (first_block, stats, jnp.zeros_like(stats), jnp.zeros((b, hkv, h // hkv, t, d), jnp.float32))
+    _, m, l, acc = jax.lax.while_loop(lambda c: c[0] < live_blocks, body, init)
+    if extras.sinks is not None:  # the sink joins the denominator only: rescale both to max(m, sink)
+        sink = extras.sinks.astype(jnp.float32).reshape(1, hkv, h // hkv, 1)
+        top = jnp.maximum(m, sink)
+        l = l * jnp.exp(m - top) + jnp.exp(sink - top)
+        acc = acc * jnp.exp(m - top)[..., None]
     out = acc / jnp.maximum(l, 1e-30)[..., None]  # padding rows with nothing visible give 0, not NaN
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d).astype(q.dtype)
 

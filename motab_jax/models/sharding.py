@@ -38,6 +38,10 @@ DEFAULT_RULES: Mapping[str, str | tuple[str, ...] | None] = {
     "kv_heads": "tensor",
     "head_dim": None,
     "mlp": "tensor",
+    # Mixture of experts: experts over fsdp (expert parallelism, `models.moe`), each expert's units over tensor.
+    # In an expert weight the experts axis comes before embed, so it takes fsdp and embed stays whole.
+    "experts": "fsdp",
+    "mlp_gate_up": "tensor",
 }
 
 
@@ -49,7 +53,9 @@ DEFAULT_RULES: Mapping[str, str | tuple[str, ...] | None] = {
 _MODEL_PARALLEL = ("tensor", "fsdp")
 SAMPLING_RULES: Mapping[str, str | tuple[str, ...] | None] = {
     **DEFAULT_RULES, "batch": "data", "cache_pages": "data", "embed": None, "vocab": _MODEL_PARALLEL,
-    "heads": _MODEL_PARALLEL, "kv_heads": _MODEL_PARALLEL, "mlp": _MODEL_PARALLEL}
+    "heads": _MODEL_PARALLEL, "kv_heads": _MODEL_PARALLEL, "mlp": _MODEL_PARALLEL,
+    # Experts over the whole group (what the expert count divides; the units take what is left).
+    "experts": _MODEL_PARALLEL, "mlp_gate_up": _MODEL_PARALLEL}
 
 
 def data_groups(mesh: Mesh | None) -> int:

@@ -1,4 +1,4 @@
-"""The decoder-only transformer (Llama 3.x, SmolLM2, Qwen2/2.5, Qwen3) as a Flax NNX module.
+"""The decoder-only transformer (Llama 3.x, SmolLM2, Qwen2/2.5, Qwen3, gpt-oss) as a Flax NNX module.
 
 Parameters are declared once in `PARAM_TABLE` (name, logical axes, initialiser, presence rule); the
 shape of every parameter follows from its logical axes, layer parameters are stacked along a leading
@@ -27,16 +27,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from motab_jax.models.attention import AttentionMask, attention
+from motab_jax.models.attention import NO_EXTRAS, AttentionExtras, AttentionMask, attention
 from motab_jax.models.config import ModelConfig
 from motab_jax.models.kv_cache import KVCache
+from motab_jax.models.moe import moe_mlp
 from motab_jax.models.paged_attention import paged_attention
 from motab_jax.models.paged_cache import PagedKVCache, pages_for_budget
 from motab_jax.models.sharding import LogicalAxes
 
 Init = Literal["normal", "ones", "zeros"]
-# (cache, q, k, v, layer index) -> (attention output, cache): how a block reads and writes its cache.
-Attend = Callable[[Any, jax.Array, jax.Array, jax.Array, jax.Array], tuple[jax.Array, Any]]
+# (cache, q, k, v, layer index, extras) -> (attention output, cache): how a block reads and writes its cache.
+Attend = Callable[[Any, jax.Array, jax.Array, jax.Array, jax.Array, AttentionExtras], tuple[jax.Array, Any]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,11 +46,25 @@ class ParamSpec:
     axes: LogicalAxes
     init: Init = "normal"
     present: Callable[[ModelConfig], bool] = lambda cfg: True
+    # Kept in float32 whatever the parameter dtype (gpt-oss's norm weights, as transformers keeps them).
+    float32: Callable[[ModelConfig], bool] = lambda cfg: False
+
+
+def _dense(cfg: ModelConfig) -> bool:
+    return not cfg.is_moe
+
+
+def _moe(cfg: ModelConfig) -> bool:
+    return cfg.is_moe
+
+
+def _norm_f32(cfg: ModelConfig) -> bool:
+    return cfg.norm_weight_float32
 
 
 PARAM_TABLE: tuple[ParamSpec, ...] = (
     ParamSpec("embed", ("vocab", "embed")),
-    ParamSpec("layers.attn_norm", ("layers", "embed"), "ones"),
+    ParamSpec("layers.attn_norm", ("layers", "embed"), "ones", float32=_norm_f32),
     ParamSpec("layers.wq", ("layers", "embed", "heads", "head_dim")),
     ParamSpec("layers.wk", ("layers", "embed", "kv_heads", "head_dim")),
     ParamSpec("layers.wv", ("layers", "embed", "kv_heads", "head_dim")),
@@ -60,14 +75,23 @@ PARAM_TABLE: tuple[ParamSpec, ...] = (
     ParamSpec("layers.k_norm", ("layers", "head_dim"), "ones", lambda c: c.qk_norm),
     ParamSpec("layers.wo", ("layers", "heads", "head_dim", "embed")),
     ParamSpec("layers.bo", ("layers", "embed"), "zeros", lambda c: c.o_bias),
-    ParamSpec("layers.mlp_norm", ("layers", "embed"), "ones"),
-    ParamSpec("layers.w_gate", ("layers", "embed", "mlp")),
-    ParamSpec("layers.w_up", ("layers", "embed", "mlp")),
-    ParamSpec("layers.w_down", ("layers", "mlp", "embed")),
-    ParamSpec("layers.b_gate", ("layers", "mlp"), "zeros", lambda c: c.mlp_bias),
-    ParamSpec("layers.b_up", ("layers", "mlp"), "zeros", lambda c: c.mlp_bias),
-    ParamSpec("layers.b_down", ("layers", "embed"), "zeros", lambda c: c.mlp_bias),
-    ParamSpec("final_norm", ("embed",), "ones"),
+    ParamSpec("layers.sinks", ("layers", "heads"), "normal", lambda c: c.attention_sinks),
+    ParamSpec("layers.mlp_norm", ("layers", "embed"), "ones", float32=_norm_f32),
+    ParamSpec("layers.w_gate", ("layers", "embed", "mlp"), present=_dense),
+    ParamSpec("layers.w_up", ("layers", "embed", "mlp"), present=_dense),
+    ParamSpec("layers.w_down", ("layers", "mlp", "embed"), present=_dense),
+    ParamSpec("layers.b_gate", ("layers", "mlp"), "zeros", lambda c: c.mlp_bias and not c.is_moe),
+    ParamSpec("layers.b_up", ("layers", "mlp"), "zeros", lambda c: c.mlp_bias and not c.is_moe),
+    ParamSpec("layers.b_down", ("layers", "embed"), "zeros", lambda c: c.mlp_bias and not c.is_moe),
+    # Mixture of experts (gpt-oss). The gate and up projections stay interleaved as released (unit j's gate
+    # at column 2j, its up at 2j + 1): a split of `mlp_gate_up` keeps each unit's pair on one device.
+    ParamSpec("layers.router", ("layers", "embed", "experts"), present=_moe),
+    ParamSpec("layers.router_bias", ("layers", "experts"), present=_moe),
+    ParamSpec("layers.expert_gate_up", ("layers", "experts", "embed", "mlp_gate_up"), present=_moe),
+    ParamSpec("layers.expert_gate_up_bias", ("layers", "experts", "mlp_gate_up"), "zeros", _moe),
+    ParamSpec("layers.expert_down", ("layers", "experts", "mlp", "embed"), present=_moe),
+    ParamSpec("layers.expert_down_bias", ("layers", "experts", "embed"), "zeros", _moe),
+    ParamSpec("final_norm", ("embed",), "ones", float32=_norm_f32),
     ParamSpec("lm_head", ("embed", "vocab"), "normal", lambda c: not c.tie_word_embeddings),
 )
 
@@ -75,7 +99,7 @@ PARAM_TABLE: tuple[ParamSpec, ...] = (
 def axis_sizes(cfg: ModelConfig) -> dict[str, int]:
     return {"vocab": cfg.vocab_size, "embed": cfg.hidden_size, "heads": cfg.num_heads,
             "kv_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim, "mlp": cfg.intermediate_size,
-            "layers": cfg.num_layers}
+            "layers": cfg.num_layers, "experts": cfg.num_experts, "mlp_gate_up": 2 * cfg.intermediate_size}
 
 
 def param_specs(cfg: ModelConfig) -> dict[str, ParamSpec]:
@@ -92,6 +116,11 @@ def _dtype(name: str) -> jnp.dtype:
     return jnp.dtype(name)
 
 
+def param_dtype(cfg: ModelConfig, spec: ParamSpec) -> jnp.dtype:
+    """The dtype parameter `spec` is stored in."""
+    return jnp.dtype(jnp.float32) if spec.float32(cfg) else _dtype(cfg.param_dtype)
+
+
 class LayerStack(nnx.Module):
     """All layers' parameters, each stacked along a leading `layers` axis."""
 
@@ -105,10 +134,10 @@ class Decoder(nnx.Module):
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.config = config
-        dtype = _dtype(config.param_dtype)
         layer_params: dict[str, nnx.Param] = {}
         for name, spec in param_specs(config).items():
             shape = param_shape(config, spec)
+            dtype = param_dtype(config, spec)
             if spec.init == "ones":
                 value = jnp.ones(shape, dtype)
             elif spec.init == "zeros":
@@ -197,11 +226,11 @@ class Decoder(nnx.Module):
             valid = jnp.arange(length, dtype=jnp.int32)[None, :] < num_valid[:, None]
             slots = cache.page_slots(positions, valid)
 
-            def attend(c: PagedKVCache, q, k, v, layer):
+            def attend(c: PagedKVCache, q, k, v, layer, extras):
                 c = c.write(layer, slots, k, v)
                 if fresh:
-                    return attention(q, k, v, self_mask, impl), c
-                return paged_attention(q, k, v, c, layer, starts, num_valid), c
+                    return attention(q, k, v, self_mask, impl, extras), c
+                return paged_attention(q, k, v, c, layer, starts, num_valid, extras), c
 
             x, written = self._run_layers(x, positions, self_mask, cache, attend)
             new_cache = dataclasses.replace(written, lengths=starts + num_valid,
@@ -210,16 +239,16 @@ class Decoder(nnx.Module):
             slots = jnp.broadcast_to(jnp.arange(cache.max_length, dtype=jnp.int32), (batch, cache.max_length))
             cache_mask = AttentionMask(positions, slots)
 
-            def attend(kv, q, k, v, layer):
+            def attend(kv, q, k, v, layer, extras):
                 keys, values = kv
                 rows = jnp.arange(batch)[:, None]
                 keys = keys.at[layer, rows, positions].set(k.astype(keys.dtype), mode="drop")
                 values = values.at[layer, rows, positions].set(v.astype(values.dtype), mode="drop")
                 if fresh:
-                    return attention(q, k, v, self_mask, impl), (keys, values)
+                    return attention(q, k, v, self_mask, impl, extras), (keys, values)
                 k_all = jax.lax.dynamic_index_in_dim(keys, layer, 0, keepdims=False).astype(q.dtype)
                 v_all = jax.lax.dynamic_index_in_dim(values, layer, 0, keepdims=False).astype(q.dtype)
-                return attention(q, k_all, v_all, cache_mask, impl), (keys, values)
+                return attention(q, k_all, v_all, cache_mask, impl, extras), (keys, values)
 
             x, (keys, values) = self._run_layers(x, positions, self_mask, (cache.keys, cache.values), attend)
             new_cache = KVCache(keys, values, starts + num_valid)
@@ -236,7 +265,7 @@ class Decoder(nnx.Module):
         return jnp.take(self.embed[...], tokens, axis=0).astype(_dtype(self.config.compute_dtype))
 
     def _final_norm(self, x: jax.Array) -> jax.Array:
-        return rms_norm(x, self.final_norm[...], self.config.rms_norm_eps)
+        return rms_norm(x, self.final_norm[...], self.config.rms_norm_eps, self.config.norm_weight_float32)
 
     def _run_layers(self, x: jax.Array, positions: jax.Array, mask: AttentionMask, cache: Any = None,
                     attend: Attend | None = None):
@@ -244,19 +273,25 @@ class Decoder(nnx.Module):
         cfg = self.config
         compute = _dtype(cfg.compute_dtype)
         stacked = {name: var.get_value() for name, var in vars(self.layers).items() if isinstance(var, nnx.Param)}
+        keep = {name.removeprefix("layers.") for name, spec in param_specs(cfg).items() if spec.float32(cfg)}
         cos, sin = rope_tables(cfg, positions)
+        # The mesh the expert weights live on (a traced array carries its mesh, not its split; the split is
+        # `cfg.expert_axes`), for the expert-parallel MoE layer.
+        mesh = jax.typeof(stacked["expert_down"]).sharding.mesh if cfg.is_moe and cfg.expert_axes else None
+        # Per-layer windows ride along the scan, so sliding and full layers share one compiled body.
+        windows = jnp.asarray(cfg.layer_windows, jnp.int32) if cfg.has_windows else None
 
         def layer(carry, xs):
             x, kv = carry
-            params, index = xs
-            params = {k: v.astype(compute) for k, v in params.items()}
-            x, kv = decoder_layer(cfg, params, x, cos, sin, mask, kv, index, attend)
+            params, index, window = xs
+            params = {k: v if k in keep else v.astype(compute) for k, v in params.items()}
+            x, kv = decoder_layer(cfg, params, x, cos, sin, mask, kv, index, attend, window, mesh)
             return (x, kv), None
 
         if cfg.remat != "none":
             layer = jax.checkpoint(layer, policy=_REMAT_POLICIES[cfg.remat], prevent_cse=False)
         index = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-        (x, kv), _ = jax.lax.scan(layer, (x, cache), (stacked, index))
+        (x, kv), _ = jax.lax.scan(layer, (x, cache), (stacked, index, windows))
         return x, kv
 
 
@@ -267,18 +302,24 @@ _REMAT_POLICIES = {
 }
 
 
-def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
-    """RMSNorm with float32 statistics, cast back before the weight (as Hugging Face does)."""
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float, weight_float32: bool = False) -> jax.Array:
+    """RMSNorm with float32 statistics, cast back before the weight (Llama/Qwen in Hugging Face) or, with
+    `weight_float32`, after a float32 weight multiply (gpt-oss)."""
     xf = x.astype(jnp.float32)
     xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    if weight_float32:
+        return (weight.astype(jnp.float32) * xf).astype(x.dtype)
     return weight.astype(x.dtype) * xf.astype(x.dtype)
 
 
 def rope_tables(cfg: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """cos/sin [B, T, 1, head_dim] for positions [B, T], in float32."""
+    """cos/sin [B, T, 1, head_dim] for positions [B, T], in float32 (YaRN scales both by its attention factor)."""
     inv_freq = jnp.asarray(cfg.rope.inverse_frequencies(cfg.head_dim), jnp.float32)
     angles = positions.astype(jnp.float32)[..., None] * inv_freq
     angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+    scaling = cfg.rope.attention_scaling
+    if scaling != 1.0:
+        return jnp.cos(angles) * scaling, jnp.sin(angles) * scaling
     return jnp.cos(angles), jnp.sin(angles)
 
 
@@ -289,10 +330,13 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 def decoder_layer(cfg: ModelConfig, p: dict[str, jax.Array], x: jax.Array, cos: jax.Array, sin: jax.Array,
-                  mask: AttentionMask, kv: Any, layer_index: jax.Array, attend: Attend | None = None):
+                  mask: AttentionMask, kv: Any, layer_index: jax.Array, attend: Attend | None = None,
+                  window: jax.Array | None = None, mesh: Any = None):
     """One pre-norm block. Without `attend`, attention is over the block's own tokens under `mask`; with
-    it, `attend(kv, q, k, v, layer_index)` writes the new keys/values to the cache `kv` and attends."""
-    h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
+    it, `attend(kv, q, k, v, layer_index, extras)` writes the new keys/values to the cache `kv` and attends.
+    `window`: this layer's sliding window (0 = full), when the model has windows; `mesh`: where the experts
+    live, for the expert-parallel MoE layer."""
+    h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps, cfg.norm_weight_float32)
     q = jnp.einsum("btd,dhk->bthk", h, p["wq"])
     k = jnp.einsum("btd,dhk->bthk", h, p["wk"])
     v = jnp.einsum("btd,dhk->bthk", h, p["wv"])
@@ -302,14 +346,17 @@ def decoder_layer(cfg: ModelConfig, p: dict[str, jax.Array], x: jax.Array, cos: 
         q = rms_norm(q, p["q_norm"], cfg.rms_norm_eps)
         k = rms_norm(k, p["k_norm"], cfg.rms_norm_eps)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    extras = AttentionExtras(p.get("sinks"), window) if cfg.attention_sinks or window is not None else NO_EXTRAS
     if attend is None:
-        out = attention(q, k, v, mask, cfg.attention_impl)
+        out = attention(q, k, v, mask, cfg.attention_impl, extras)
     else:
-        out, kv = attend(kv, q, k, v, layer_index)
+        out, kv = attend(kv, q, k, v, layer_index, extras)
     x = x + jnp.einsum("bthk,hkd->btd", out, p["wo"])
     if cfg.o_bias:
         x = x + p["bo"]
-    h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
+    h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps, cfg.norm_weight_float32)
+    if cfg.is_moe:
+        return x + moe_mlp(cfg, p, h, cfg.moe_impl, mesh), kv
     gate = jnp.einsum("btd,df->btf", h, p["w_gate"])
     up = jnp.einsum("btd,df->btf", h, p["w_up"])
     if cfg.mlp_bias:

@@ -1,0 +1,238 @@
+"""gpt-oss (mixture of experts, attention sinks, sliding windows, YaRN): logits equal transformers' (PyTorch) on a
+tiny random GptOss checkpoint, cached decode and chunks equal the full forward, experts split over 8 host devices
+equal one device, the released MXFP4 layout loads to the logits transformers gets when it dequantizes, export
+reloads in transformers, and a gpt-oss teacher runs MOTAB synthesis."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+import motab_jax
+from motab_jax.models import mxfp4
+from motab_jax.models.config import ModelConfig, RopeConfig
+from motab_jax.models.export import export_hf
+from motab_jax.models.loading import init_random, resharded
+from motab_jax.models.paged_cache import PageAllocator
+from motab_jax.models.safetensors_io import SafetensorsFile, save_safetensors
+from motab_jax.models.sharding import DEFAULT_RULES, SAMPLING_RULES, MeshConfig, make_mesh
+from motab_jax.models.transformer import param_values, set_param_values
+
+transformers = pytest.importorskip("transformers")
+VOCAB, LENGTH, WINDOW = 300, 13, 4  # sequences three times the window, so both layer kinds matter
+
+
+def _hf_config(**overrides):
+    fields = dict(num_hidden_layers=2, num_local_experts=4, num_experts_per_tok=2, hidden_size=64,
+                  intermediate_size=64, head_dim=16, num_attention_heads=4, num_key_value_heads=2,
+                  sliding_window=WINDOW, vocab_size=VOCAB, max_position_embeddings=131072)
+    return transformers.GptOssConfig(**{**fields, **overrides})
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny random GptOssForCausalLM (layer 0 sliding, layer 1 full; 4 experts, top-2) saved as safetensors.
+    Sinks N(0, 1), biases and norm weights random, so every gpt-oss detail moves the logits."""
+    torch.manual_seed(0)
+    model = transformers.GptOssForCausalLM(_hf_config()).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "sinks" in name:
+                p.normal_(0, 1)
+            elif "bias" in name:
+                p.normal_(0, 0.1)
+            elif "norm" in name:
+                p.normal_(1, 0.1)
+    folder = tmp_path_factory.mktemp("gpt_oss") / "tiny"
+    model.save_pretrained(folder)
+    return folder, model
+
+
+def _tokens(batch=2, length=LENGTH, seed=0):
+    return np.random.RandomState(seed).randint(0, VOCAB, (batch, length))
+
+
+def _reference(model, ids):
+    model.config._attn_implementation = "eager"
+    with torch.no_grad():
+        return model(torch.tensor(ids)).logits.float().numpy()
+
+
+def _forward(model, ids):
+    """The forward pass jitted over split parameter state (how every hot path calls a model)."""
+    graph, state = nnx.split(model)
+    return np.asarray(jax.jit(lambda s, t: nnx.merge(graph, s)(t))(state, jnp.asarray(ids)))
+
+
+@pytest.mark.parametrize("moe_impl", ["grouped", "dense"])
+def test_logits_equal_transformers(checkpoint, moe_impl):
+    folder, hf_model = checkpoint
+    ids = _tokens()
+    model, _ = motab_jax.load(folder, dtype="float32", moe_impl=moe_impl)
+    cfg = model.config
+    assert cfg.layer_windows == (WINDOW, 0) and cfg.num_experts == 4 and cfg.experts_per_token == 2
+    assert cfg.rope.rope_type == "yarn" and cfg.attention_sinks
+    want = _reference(hf_model, ids)
+    np.testing.assert_allclose(_forward(model, ids), want, atol=1e-4, rtol=0)
+    # The test can fail: without the sinks (or the window) the logits move well past the tolerance.
+    no_sinks = model.config.replace(attention_sinks=False)
+    moved = motab_jax.models.abstract_decoder(no_sinks)
+    set_param_values(moved, {k: v for k, v in param_values(model).items() if k != "layers.sinks"})
+    assert np.abs(_forward(moved, ids) - want).max() > 1e-2
+
+
+def test_yarn_frequencies_equal_transformers():
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    hf = _hf_config(head_dim=64)
+    inv_freq, scaling = ROPE_INIT_FUNCTIONS["yarn"](hf)
+    ours = RopeConfig(theta=150000.0, rope_type="yarn", factor=32.0, beta_fast=32.0, beta_slow=1.0, truncate=False,
+                      original_max_position_embeddings=4096)
+    np.testing.assert_allclose(ours.inverse_frequencies(64), inv_freq.numpy(), rtol=1e-6)
+    assert ours.attention_scaling == pytest.approx(scaling) == pytest.approx(0.1 * math.log(32) + 1)
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_cached_decode_and_chunks_equal_the_full_forward(checkpoint, paged):
+    folder, hf_model = checkpoint
+    ids = _tokens()
+    model, _ = motab_jax.load(folder, dtype="float32")
+    if paged:
+        cache = model.init_paged_cache(2, 16, page_size=4)
+        assert cache.impl == "reference"  # sinks and windows: the reference paged path on every backend
+        allocator = PageAllocator.for_cache(cache)
+        for row in range(2):
+            allocator.ensure(row, LENGTH)
+        cache = allocator.commit(cache)
+    else:
+        cache = model.init_cache(2, 16)
+    graph, state = nnx.split(model)
+    extend = jax.jit(lambda s, t, c: nnx.merge(graph, s).extend(t, c), donate_argnums=2)
+    pieces = []
+    for start, stop in [(0, 5), (5, 8)] + [(t, t + 1) for t in range(8, LENGTH)]:  # prefill, a 3-token chunk, decode
+        logits, cache = extend(state, jnp.asarray(ids[:, start:stop]), cache)
+        pieces.append(np.asarray(logits))
+    np.testing.assert_allclose(np.concatenate(pieces, axis=1), _reference(hf_model, ids), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("rules,shape", [(SAMPLING_RULES, (1, 2, 4)), (DEFAULT_RULES, (2, 4, 1))])
+def test_experts_split_over_devices_equal_one_device(checkpoint, rules, shape):
+    folder, _ = checkpoint
+    ids = _tokens()
+    single, _ = motab_jax.load(folder, dtype="float32")
+    mesh = make_mesh(MeshConfig(*shape))
+    split, _ = motab_jax.load(folder, dtype="float32", mesh=mesh, rules=rules)
+    spec = split.layers.expert_down[...].sharding.spec
+    # 4 experts: one per device of a 4-way axis (sampling: tensor; training: fsdp), recorded for the MoE layer.
+    assert split.config.expert_axes == (spec[1],) and mesh.shape[spec[1]] == 4
+    np.testing.assert_allclose(_forward(split, ids), _forward(single, ids), atol=1e-5, rtol=0)
+
+
+def test_grouped_experts_equal_the_dense_reference_on_many_tokens():
+    cfg = ModelConfig(model_type="gpt_oss", vocab_size=64, hidden_size=32, intermediate_size=16, num_layers=1,
+                      num_heads=2, num_kv_heads=1, head_dim=16, num_experts=8, experts_per_token=3)
+    from motab_jax.models.moe import dense_experts, grouped_experts, route
+
+    model = init_random(cfg, seed=3)
+    p = {k.removeprefix("layers."): v[0] * 20 for k, v in param_values(model).items() if k.startswith("layers.")}
+    h = jax.random.normal(jax.random.key(0), (200, 32))
+    weights, experts = route(cfg, h, p["router"], p["router_bias"])
+    assert len(np.unique(np.asarray(experts))) == 8  # every expert gets tokens
+    grouped = jax.jit(lambda p, h, w, e: grouped_experts(cfg, p, h, w, e))(p, h, weights, experts)
+    dense = jax.jit(lambda p, h, w, e: dense_experts(cfg, p, h, w, e))(p, h, weights, experts)
+    np.testing.assert_allclose(grouped, dense, atol=1e-4, rtol=1e-5)
+
+
+def test_mxfp4_dequantization_equals_transformers():
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    rng = np.random.default_rng(0)
+    blocks = rng.integers(0, 256, (3, 10, 2, 16), dtype=np.uint8)
+    scales = rng.integers(118, 136, (3, 10, 2), dtype=np.uint8)
+    want = convert_moe_packed_tensors(torch.tensor(blocks), torch.tensor(scales), dtype=torch.float32).numpy()
+    np.testing.assert_array_equal(mxfp4.dequantize(blocks, scales), want)
+    # Our writer round-trips values on the FP4 grid exactly.
+    np.testing.assert_array_equal(mxfp4.dequantize(*mxfp4.quantize(want)), want)
+
+
+def _mxfp4_copy(folder, target):
+    """`folder` rewritten as released gpt-oss checkpoints are: expert projections as MXFP4 blocks + scales."""
+    shutil.copytree(folder, target)
+    source = SafetensorsFile(folder / "model.safetensors")
+    tensors = []
+    for name in source.keys():
+        value = np.asarray(source.get(name))
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            blocks, scales = mxfp4.quantize(value)
+            tensors += [(name + "_blocks", blocks), (name + "_scales", scales)]
+        else:
+            tensors.append((name, value))
+    (target / "model.safetensors").unlink()
+    save_safetensors(target / "model.safetensors", tensors)
+    config = json.loads((target / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    (target / "config.json").write_text(json.dumps(config))
+    return target
+
+
+def test_an_mxfp4_checkpoint_loads_to_the_logits_of_transformers_dequantized(checkpoint, tmp_path):
+    folder, _ = checkpoint
+    quantized = _mxfp4_copy(folder, tmp_path / "mxfp4")
+    hf = transformers.GptOssForCausalLM.from_pretrained(
+        quantized, quantization_config=transformers.Mxfp4Config(dequantize=True), dtype=torch.float32).eval()
+    ids = _tokens()
+    want = _reference(hf, ids)
+    mesh = make_mesh(MeshConfig(1, 2, 4))  # each device dequantizes only its own experts
+    model, _ = motab_jax.load(quantized, dtype="float32", mesh=mesh, rules=SAMPLING_RULES)
+    np.testing.assert_allclose(_forward(model, ids), want, atol=1e-4, rtol=0)
+
+
+def test_export_reloads_in_transformers_with_the_same_logits(checkpoint, tmp_path):
+    folder, _ = checkpoint
+    model, _ = motab_jax.load(folder, dtype="float32")
+    out = export_hf(model, None, tmp_path / "export", dtype="bfloat16")
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "gpt_oss" and config["layer_types"] == ["sliding_attention", "full_attention"]
+    hf = transformers.GptOssForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    reloaded, _ = motab_jax.load(out, dtype="float32")
+    ids = _tokens()
+    np.testing.assert_allclose(_forward(reloaded, ids), _reference(hf, ids), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("split", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_a_gpt_oss_teacher_runs_motab_synthesis(split):
+    """A gpt-oss teacher (same vocabulary as the student) through the paged engine; slow: 2 engine groups with the
+    experts split over each group's 4 devices give the one-device records."""
+    from test_motab_engine import BASE, EOS, _models, _questions, _same_records
+
+    student, _, tok = _models()
+    teacher_cfg = ModelConfig(model_type="gpt_oss", vocab_size=student.config.vocab_size, hidden_size=64,
+                              intermediate_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+                              logits_vocab_size=student.config.output_vocab_size,
+                              num_experts=4, experts_per_token=2, layer_windows=(WINDOW, 0), attention_sinks=True,
+                              norm_weight_float32=True, qkv_bias=True, o_bias=True, eos_token_ids=(EOS,),
+                              rope=RopeConfig(theta=150000.0, rope_type="yarn", factor=32.0, truncate=False,
+                                              original_max_position_embeddings=4096))
+    teacher = init_random(teacher_cfg, seed=1)
+    set_param_values(teacher, {"lm_head": param_values(teacher)["lm_head"] * 30})
+    cfg = dict(BASE, policy="motab", delimiter="the", eps0=0.1, theta=1.0, temperature=0.8, teacher_temperature=0.8,
+               samples_per_question=1, seed=5, page_size=4, max_prompt_len=8)
+    single = list(motab_jax.synthesize(student, teacher, tok, _questions(4), cfg, progress=False))
+    assert any(s["source"] == "teacher" for r in single for s in r["segments"])
+    if not split:
+        return
+    mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    split_teacher = resharded(teacher, SAMPLING_RULES, mesh)
+    assert split_teacher.config.expert_axes == ("tensor", "fsdp")
+    grouped = list(motab_jax.synthesize(resharded(student, SAMPLING_RULES, mesh), split_teacher, tok,
+                                        _questions(4), dict(cfg, num_slots=4), progress=False))
+    _same_records(grouped, single)
