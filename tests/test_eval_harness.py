@@ -23,9 +23,9 @@ def _write(path: Path, rows) -> Path:
 
 def test_bundled_benchmarks_load_with_their_counts():
     counts = {name: len(load_problems(BENCHMARKS[name])) for name in ("math500", "aime24", "aime25", "amc23",
-                                                                       "gsm8k")}
-    assert counts == {"math500": 500, "aime24": 30, "aime25": 30, "amc23": 40, "gsm8k": 1319}
-    assert (resolve("math500").samples, resolve("aime24").samples) == (1, 8)
+                                                                       "gsm8k", "ifeval")}
+    assert counts == {"math500": 500, "aime24": 30, "aime25": 30, "amc23": 40, "gsm8k": 1319, "ifeval": 541}
+    assert (resolve("math500").samples, resolve("aime24").samples, resolve("ifeval").samples) == (1, 8, 1)
 
 
 def test_tiny_model_end_to_end_with_resume(tmp_path):
@@ -40,6 +40,10 @@ def test_tiny_model_end_to_end_with_resume(tmp_path):
     lines = [json.loads(line) for line in (out / "five.samples.jsonl").read_text().splitlines()]
     assert len(lines) == 15 and {"completion", "extracted_answer", "correct", "timed_out"} <= set(lines[0])
     assert "| five | 5 | 3 |" in (out / "summary.md").read_text()
+    # Truncation and lengths (metrics.length_summary) over the per-sample records, in summary.json and summary.md.
+    assert summary["truncated"] == sum(r["finish_reason"] == "length" for r in lines)
+    assert summary["length_mean"] == sum(r["num_tokens"] for r in lines) / 15
+    assert "accuracy, not truncated (%)" in (out / "summary.md").read_text()
     assert json.loads((out / "summary.json").read_text())["five"]["num_problems"] == 5
     # An interrupted run (last 4 samples lost, one line torn) resumes and regrades only what is missing.
     text = (out / "five.samples.jsonl").read_text().splitlines(keepends=True)
@@ -50,6 +54,41 @@ def test_tiny_model_end_to_end_with_resume(tmp_path):
     assert sorted((r["problem_id"], r["sample_index"], r["completion"]) for r in lines2) == \
         sorted((r["problem_id"], r["sample_index"], r["completion"]) for r in lines)
     assert again["avg@k"] == summary["avg@k"]
+
+
+def test_tiny_model_on_ifeval_end_to_end(tmp_path):
+    """IFEval through the harness: the prompt alone as the user message, per-instruction verdicts per sample,
+    the four accuracies in summary.json and summary.md, and a rerun that generates nothing."""
+    model, tok = motab_jax.load(GOLDEN_DIR / "qwen3_untied", dtype="float32")
+    config = EvalConfig(benchmarks=("ifeval",), limit=4, max_new_tokens=8, batch_size=4, prompt_format="raw")
+    summary = evaluate(model, tok, tmp_path, config, progress=False)["ifeval"]
+    problems = load_problems(BENCHMARKS["ifeval"], limit=4)
+    lines = [json.loads(line) for line in (tmp_path / "ifeval.samples.jsonl").read_text().splitlines()]
+    assert sorted(r["problem_id"] for r in lines) == sorted(p.id for p in problems)
+    by_id = {p.id: p for p in problems}
+    for r in lines:
+        ids = [i.id for i in by_id[r["problem_id"]].instructions]
+        assert r["prompt"] == by_id[r["problem_id"]].problem  # no math instruction appended
+        assert r["instruction_ids"] == ids and len(r["followed_strict"]) == len(r["followed_loose"]) == len(ids)
+        assert r["correct"] == all(r["followed_strict"]) and r["gold"] is None and r["timed_out"] is False
+        assert all(loose or not strict for strict, loose in zip(r["followed_strict"], r["followed_loose"]))
+        if "punctuation:no_comma" in ids:  # the one check with a closed form: no comma in a non-empty response
+            verdict = r["followed_strict"][ids.index("punctuation:no_comma")]
+            assert verdict == (bool(r["completion"].strip()) and "," not in r["completion"])
+    flags = [f for r in lines for f in r["followed_strict"]]
+    assert summary["num_problems"] == 4 and summary["num_instructions"] == len(flags)
+    assert summary["prompt_level_strict"] == summary["avg@k"] == sum(r["correct"] for r in lines) / 4
+    assert summary["instruction_level_strict"] == sum(flags) / len(flags)
+    assert summary["prompt_level_loose"] == sum(all(r["followed_loose"]) for r in lines) / 4
+    assert "cons@1" not in summary and summary["truncated"] == sum(r["finish_reason"] == "length" for r in lines)
+    table = (tmp_path / "summary.md").read_text()
+    assert "| ifeval | 4 | 1 |" in table and "| - | 0 |" in table  # no cons@k, nothing timed out
+    assert f"| ifeval | 4 | {len(flags)} | {100 * summary['prompt_level_strict']:.2f} |" in table
+    assert json.loads((tmp_path / "summary.json").read_text())["ifeval"]["instruction_level_loose"] == \
+        summary["instruction_level_loose"]
+    before = (tmp_path / "ifeval.samples.jsonl").read_text()
+    assert evaluate(model, tok, tmp_path, config, progress=False)["ifeval"] == summary
+    assert (tmp_path / "ifeval.samples.jsonl").read_text() == before
 
 
 def test_bad_inputs(tmp_path):
