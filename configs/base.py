@@ -102,7 +102,9 @@ def get_config() -> ml_collections.ConfigDict:
         seq_len=34816, seed=42, micro_batches=1, chunk_size=512, save_every=50, keep_last=2))
 
     # Evaluation (spec section 7): comma-separated benchmarks (math500, aime24, aime25, amc23, gsm8k,
-    # gpqa_diamond, hub:<id>, a JSONL path, or "demo" for the demo's held-out problems).
+    # gpqa_diamond, ifeval, hub:<id>, a JSONL path, or "demo" for the demo's held-out problems). samples=0 takes
+    # each benchmark's default (the paper's protocol: 8, or 1 for math500, gsm8k and ifeval); the sampling
+    # settings apply to every benchmark, IFEval's prompts included (sent as they are, without the math instruction).
     config.eval = ml_collections.ConfigDict(dict(
         benchmarks="math500,aime24,aime25,amc23", samples=0, temperature=0.6, top_p=0.95, top_k=0, max_new_tokens=32768,
         batch_size=64, limit=0))
