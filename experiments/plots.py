@@ -39,7 +39,8 @@ def load_records(path: str | pathlib.Path) -> list[dict[str, Any]]:
     """The JSON records of a .jsonl file; an unparseable last line (a torn write) is skipped, an
     unparseable line elsewhere raises ValueError naming `file:line`."""
     path = pathlib.Path(path)
-    lines = path.read_text(encoding="utf-8").splitlines()
+    # JSONL lines end with "\n" only: str.splitlines() would also split on U+2028, U+0085, ... inside the text.
+    lines = path.read_text(encoding="utf-8").split("\n")
     while lines and not lines[-1].strip():
         lines.pop()
     records = []

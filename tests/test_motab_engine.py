@@ -291,7 +291,7 @@ def test_input_errors_are_clear():
         list(motab_jax.synthesize(student, teacher, tok, _questions(), dict(BASE, memory_budget_gb=1e-6)))
     with pytest.raises(ValueError, match="max_prompt_len"):
         list(motab_jax.synthesize(student, teacher, tok, [{"id": "long", "problem": "x" * 100}], BASE))
-    with pytest.raises(KeyError, match="no 'problem'"):
+    with pytest.raises(ValueError, match="no 'problem'"):
         list(motab_jax.synthesize(student, teacher, tok, [{"id": "a", "text": "x"}], BASE))
     with pytest.raises(ValueError, match="policy='best'"):
         list(motab_jax.synthesize(student, teacher, tok, _questions(), dict(BASE, policy="best")))

@@ -20,9 +20,10 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
-from motab_jax.errors import MotabInputError
+from motab_jax.errors import EnvironmentProblem, MissingInputError, MotabInputError
+from motab_jax.jsonl import JsonlError, loads_line
 
-__all__ = ["Example", "InvalidRecordError", "ReadStats", "parse_record", "read_examples"]
+__all__ = ["Example", "InvalidRecordError", "ReadStats", "hub_source_problem", "parse_record", "read_examples"]
 
 # Prompt/response field pairs of generic records, tried in this order.
 PAIR_FIELDS: tuple[tuple[str, str], ...] = (("prompt", "response"), ("input", "output"), ("problem", "solution"))
@@ -164,17 +165,16 @@ def parse_record(record: Any, *, where: str, fields: tuple[str, str] | None = No
 def _jsonl_records(path: Path, stats: ReadStats, skip_invalid: bool) -> Iterator[tuple[Any, str]]:
     """(record, "file:line") of each non-blank line; malformed lines raise or are counted."""
     with open(path, "rb") as f:
-        for number, line in enumerate(f, 1):
+        for number, line in enumerate(f, 1):  # binary iteration splits on b"\n" only (see motab_jax.jsonl)
             if not line.strip():
                 continue  # blank lines (a trailing newline, spacing) carry no record
             where = f"{path}:{number}"
             try:
-                yield json.loads(line), where
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                message = f"{where}: malformed JSON line ({e})"
+                yield loads_line(line, where), where
+            except JsonlError as e:
                 if not skip_invalid:
-                    raise InvalidRecordError(message) from e
-                stats.skip("malformed_json", message)
+                    raise InvalidRecordError(str(e)) from e
+                stats.skip("malformed_json", str(e))
 
 
 def _json_records(path: Path, stats: ReadStats, skip_invalid: bool) -> Iterator[tuple[Any, str]]:
@@ -209,18 +209,29 @@ def _split_spec(spec: str, default_split: str = "train") -> tuple[str, str]:
     return name, split or default_split
 
 
+def hub_source_problem(spec: str) -> str | None:
+    """Why the `hf:` source `spec` cannot be read here (a malformed spec; a hub dataset while HF_HUB_OFFLINE is
+    set), or None; checked before anything loads."""
+    body, _ = _split_spec(spec[len("hf:"):])
+    dataset_id = body.partition(":")[0]
+    if not dataset_id:
+        return f"{spec!r}: expected hf:<id>[:<config>][@<split>]"
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    if offline and not Path(dataset_id).exists():
+        return (f"{spec!r}: HF_HUB_OFFLINE is set, so the hub dataset {dataset_id!r} cannot be downloaded; unset "
+                "HF_HUB_OFFLINE, or save the dataset to disk (save_to_disk or JSONL/Parquet export) and pass its "
+                "local path")
+    return None
+
+
 def _hf_records(spec: str) -> Iterator[tuple[Any, str]]:
     """`hf:<id>[:<config>][@<split>]`; <id> may be a local dataset folder (works offline)."""
     body, split = _split_spec(spec[len("hf:"):])
     dataset_id, _, config = body.partition(":")
-    if not dataset_id:
-        raise ValueError(f"{spec!r}: expected hf:<id>[:<config>][@<split>]")
+    problem = hub_source_problem(spec)
+    if problem is not None:
+        raise (EnvironmentProblem if dataset_id else InvalidRecordError)(problem)
     local = Path(dataset_id).exists()
-    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-    if offline and not local:
-        raise RuntimeError(f"{spec!r}: HF_HUB_OFFLINE is set, so the hub dataset {dataset_id!r} cannot be "
-                           "downloaded; unset HF_HUB_OFFLINE, or save the dataset to disk (save_to_disk or "
-                           "JSONL/Parquet export) and pass its local path")
     try:
         import datasets  # optional: only hf: sources need it
     except ImportError as e:
@@ -252,7 +263,7 @@ def _tfds_records(spec: str) -> Iterator[tuple[Any, str]]:
     """`tfds:<name>[@<split>]`."""
     name, split = _split_spec(spec[len("tfds:"):])
     if not name:
-        raise ValueError(f"{spec!r}: expected tfds:<name>[@<split>]")
+        raise InvalidRecordError(f"{spec!r}: expected tfds:<name>[@<split>]")
     try:
         import tensorflow_datasets as tfds  # optional: only tfds: sources need it
     except ImportError as e:
@@ -279,10 +290,10 @@ def _records(source: str | os.PathLike, stats: ReadStats, skip_invalid: bool) ->
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix in _FILE_SUFFIXES)
         if not files:
-            raise FileNotFoundError(f"{path}: no {'/'.join(_FILE_SUFFIXES)} files in this folder")
+            raise MissingInputError(f"{path}: no {'/'.join(_FILE_SUFFIXES)} files in this folder")
         return (item for p in files for item in _file_records(p, stats, skip_invalid))
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file (sources: a .jsonl/.json/.parquet file or folder, "
+        raise MissingInputError(f"{path}: no such file (sources: a .jsonl/.json/.parquet file or folder, "
                                 "hf:<id>[:<config>][@<split>], tfds:<name>[@<split>])")
     return _file_records(path, stats, skip_invalid)
 

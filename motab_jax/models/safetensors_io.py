@@ -9,6 +9,7 @@ memory-mapped views and sliced lazily. Format: 8-byte little-endian header size,
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from pathlib import Path
@@ -16,6 +17,8 @@ from typing import Iterable, Mapping
 
 import ml_dtypes
 import numpy as np
+
+from motab_jax.errors import MotabInputError
 
 DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
@@ -25,26 +28,61 @@ DTYPES: dict[str, np.dtype] = {
 _NAMES = {v: k for k, v in DTYPES.items()}
 
 
+class CheckpointError(MotabInputError):
+    """A weights file that is not a whole, valid safetensors file; the message names the file (and tensor)."""
+
+
 class SafetensorsFile:
-    """Read-only, memory-mapped view of one `.safetensors` file."""
+    """Read-only, memory-mapped view of one `.safetensors` file.
+
+    Opening checks the header against the file: every tensor's dtype, shape and byte range, and that the file
+    holds all of its data (a truncated download fails here, naming the file and the first tensor cut off).
+    """
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        redo = "download or export it again"
         with open(self.path, "rb") as f:
             raw = f.read(8)
             if len(raw) != 8:
-                raise ValueError(f"{self.path}: not a safetensors file (shorter than 8 bytes)")
+                raise CheckpointError(f"{self.path}: not a safetensors file (shorter than 8 bytes); {redo}")
             (header_size,) = struct.unpack("<Q", raw)
             if header_size > 100_000_000:
-                raise ValueError(f"{self.path}: not a safetensors file (header size {header_size})")
+                raise CheckpointError(f"{self.path}: not a safetensors file (header size {header_size}); {redo}")
             try:
                 header = json.loads(f.read(header_size))
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise ValueError(f"{self.path}: corrupt safetensors header ({e})") from e
+                raise CheckpointError(f"{self.path}: corrupt safetensors header ({e}); {redo}") from e
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{self.path}: corrupt safetensors header (not a JSON object); {redo}")
         self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
         self._entries: dict[str, dict] = header
         self._data_start = 8 + header_size
+        data_bytes = self.path.stat().st_size - self._data_start
+        for name, entry in header.items():
+            self._check_entry(name, entry, redo)
+        cut = [(entry["data_offsets"][0], name) for name, entry in header.items()
+               if entry["data_offsets"][1] > data_bytes]
+        if cut:
+            _, name = min(cut)
+            raise CheckpointError(f"{self.path}: truncated: the file has {self._data_start + data_bytes} bytes but "
+                                  f"tensor {name} (the first cut off, of {len(cut)}) ends at byte "
+                                  f"{self._data_start + header[name]['data_offsets'][1]} (an interrupted download or "
+                                  f"copy?); {redo}")
         self._mmap = np.memmap(self.path, dtype=np.uint8, mode="r")
+
+    def _check_entry(self, name: str, entry: object, redo: str) -> None:
+        try:
+            dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]  # type: ignore[index]
+            count = math.prod(int(d) for d in shape)
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{self.path}: tensor {name}: corrupt header entry {entry!r}; {redo}") from e
+        if dtype not in DTYPES:
+            raise CheckpointError(f"{self.path}: tensor {name} has unsupported dtype {dtype}; supported: "
+                                  f"{sorted(DTYPES)}")
+        if end - begin != count * DTYPES[dtype].itemsize or begin < 0:
+            raise CheckpointError(f"{self.path}: tensor {name}: bytes [{begin}, {end}) do not hold its shape "
+                                  f"{tuple(shape)} of {dtype}; the file is corrupt, {redo}")
 
     def keys(self) -> list[str]:
         return list(self._entries)
@@ -58,8 +96,6 @@ class SafetensorsFile:
     def get(self, name: str) -> np.ndarray:
         """A zero-copy read-only view of tensor `name`."""
         entry = self._entries[name]
-        if entry["dtype"] not in DTYPES:
-            raise ValueError(f"{self.path}: tensor {name} has unsupported dtype {entry['dtype']}")
         begin, end = entry["data_offsets"]
         raw = self._mmap[self._data_start + begin:self._data_start + end]
         return raw.view(DTYPES[entry["dtype"]]).reshape(entry["shape"])

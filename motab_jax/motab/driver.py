@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from motab_jax.errors import PromptTooLongError
 from motab_jax.models.paged_cache import PageAllocator, PagedKVCache
 from motab_jax.models.sharding import SAMPLING_RULES, data_groups
 from motab_jax.models.transformer import Decoder
@@ -138,8 +139,16 @@ class _Groups:
 def run_engine(spec: EngineSpec, student: Decoder, teacher: Decoder, tables: EngineTables, jobs: Sequence[Job], *,
                pool: PoolPlan, paged_impl: str, iterations_per_sync: int, seed: int,
                stats: EngineStats | None = None) -> Iterator[tuple[Job, dict[str, np.ndarray]]]:
-    """Run every job to its end; yields (job, that slot's row of every `RECORD_FIELDS` array) as they finish."""
+    """Run every job to its end; yields (job, that slot's row of every `RECORD_FIELDS` array) as they finish.
+
+    A prompt longer than `pool.max_prompt_len` (what the pools and every slot's positions were sized for) is
+    refused with `PromptTooLongError` before anything runs: its writes past the cache would be lost."""
     pool.check()
+    for job in jobs:
+        if len(job.prompt) > pool.max_prompt_len:
+            raise PromptTooLongError(f"engine job {job.index}: the prompt has {len(job.prompt)} tokens > "
+                                     f"max_prompt_len={pool.max_prompt_len}, what the pools were planned for; raise "
+                                     "max_prompt_len or shorten the prompt")
     stats = stats if stats is not None else EngineStats()
     stats.pool = pool
     b, page = pool.num_slots, pool.page_size

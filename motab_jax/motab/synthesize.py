@@ -16,6 +16,8 @@ import jax
 from flax import nnx
 from tqdm.auto import tqdm
 
+from motab_jax.data.questions import checked_questions
+from motab_jax.errors import PromptTooLongError
 from motab_jax.jsonl import append_records
 from motab_jax.models.config import ModelConfig
 from motab_jax.models.paged_cache import kv_bytes_per_token
@@ -46,22 +48,9 @@ class Question:
 
 
 def parse_questions(items: Sequence[Any]) -> list[Question]:
-    """Questions given as strings or dicts (id + problem / question / prompt, or prompt_ids)."""
-    out = []
-    for n, item in enumerate(items):
-        if isinstance(item, str):
-            out.append(Question(str(n), item))
-            continue
-        text = item.get("problem", item.get("question", item.get("prompt")))
-        ids = tuple(int(t) for t in item.get("prompt_ids", ()))
-        if text is None and not ids:
-            raise KeyError(f"question {n}: no 'problem', 'question', 'prompt' or 'prompt_ids' field "
-                           f"(fields: {sorted(item)})")
-        out.append(Question(str(item.get("id", n)), str(text or ""), ids))
-    ids = [q.id for q in out]
-    if len(set(ids)) != len(ids):
-        raise ValueError("question ids are not unique; resume and records need unique ids")
-    return out
+    """Questions given as strings or dicts (id + problem / question / prompt, or prompt_ids), checked as the
+    question file is (`motab_jax.data.questions`): `InvalidRecordError` naming the question and field."""
+    return [Question(qid, text, ids) for qid, text, ids in checked_questions(items)]
 
 
 def engine_spec(cfg: Mapping[str, Any]) -> EngineSpec:
@@ -157,8 +146,9 @@ def _pending(items: list[Question], tokenizer: Any, cfg: Mapping[str, Any]
     encoded = {qi: _encode(tokenizer, items[qi], cfg) for qi in sorted({qi for qi, _ in queue})}
     for qi, (_, ids) in encoded.items():
         if len(ids) > cfg["max_prompt_len"]:
-            raise ValueError(f"question {items[qi].id}: prompt has {len(ids)} tokens > max_prompt_len="
-                             f"{cfg['max_prompt_len']}; raise max_prompt_len or shorten the question")
+            given = "prompt_ids has" if items[qi].prompt_ids else "prompt has"
+            raise PromptTooLongError(f"question {items[qi].id!r}: {given} {len(ids)} tokens > max_prompt_len="
+                                     f"{cfg['max_prompt_len']}; raise max_prompt_len or shorten the question")
     return queue, encoded
 
 

@@ -1,8 +1,9 @@
 """Checking a job's configuration before any heavy work.
 
 `validate_config` checks every field on its own (types, ranges, names, paths) without touching a model.
-`preflight` then reads only the two models' config.json and tokenizers (local folders, the hub cache, or the
-hub when it is reachable) and checks what needs both: one vocabulary where a stage compares the models id by id
+`preflight` then reads the data inputs (the question file line by line, benchmark files: `pipeline.inputs`) and
+only the two models' config.json and tokenizers (local folders, the hub cache, or the hub when it is reachable),
+and checks what needs both: one vocabulary where a stage compares the models id by id
 (kd, skd_token; synthesis otherwise runs across vocabularies), top-k values within the vocabulary, a memory
 estimate of the largest stage against the devices' memory, and (logged) whether the two tokenizers render the
 job's first prompts identically (`prompt_check`).
@@ -10,7 +11,6 @@ job's first prompts identically (`prompt_check`).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -19,7 +19,9 @@ from typing import Any
 
 import jax
 
+from motab_jax.errors import MotabInputError
 from motab_jax.eval.benchmarks import BENCHMARKS
+from motab_jax.jsonl import read_json
 from motab_jax.models.config import ModelConfig, config_from_hf
 from motab_jax.models.factory import init_fields, make_tokenizer, validate_model_spec
 from motab_jax.models.sharding import MeshConfig
@@ -27,11 +29,11 @@ from motab_jax.motab.config import DEFAULTS as SYNTHESIS_DEFAULTS
 from motab_jax.motab.config import synthesis_problems
 from motab_jax.pipeline.memory import (available_memory, format_bytes, generation_pools, memory_breakdown,
                                       memory_hint)
+from motab_jax.pipeline.inputs import input_problems, run_dir_problems
 from motab_jax.pipeline.policy_runs import policy_runs
 from motab_jax.pipeline.prompt_check import check_prompt_convention
 from motab_jax.train.losses import LOSSES
 from motab_jax.train.optimizer import optimizer_problems
-from motab_jax.errors import MotabInputError
 
 log = logging.getLogger("motab_jax")
 
@@ -167,6 +169,8 @@ def validate_config(config: Any) -> list[str]:
         problems.append(f"mesh: {e}")
     if not str(config.run_dir):
         problems.append("run_dir is empty: give a folder for the job's outputs")
+    else:
+        problems += run_dir_problems(str(config.run_dir))
     runs: list[str] | None = None
     try:
         runs = [r.label for r in policy_runs(config)]
@@ -228,7 +232,7 @@ def model_facts(spec: Any, role: str) -> ModelFacts:
         return ModelFacts(role, None, None)
     from motab_jax.text import load_tokenizer
 
-    cfg = config_from_hf(json.loads((folder / "config.json").read_text()), source=str(folder / "config.json"))
+    cfg = config_from_hf(read_json(folder / "config.json"), source=str(folder / "config.json"))
     try:
         tokenizer = load_tokenizer(folder)
     except (FileNotFoundError, OSError):
@@ -264,10 +268,11 @@ def cross_vocabulary_problems(config: Any, stages: list[str], teacher_tokenizer:
 
 
 def preflight(config: Any) -> list[str]:
-    """Problems that need both models' metadata (no weights are read)."""
+    """Problems that need both models' metadata (no weights are read), and the data inputs' problems."""
     stages = stages_of(config)
+    problems: list[str] = input_problems(config, stages)
+    inputs_readable = not problems  # the prompt preview below reads the question file too
     facts = {role: model_facts(config[role], role) for role in ("teacher", "student")}
-    problems: list[str] = []
     unknown = [role for role, f in facts.items() if f.config is None]
     if unknown:
         log.info("preflight: %s not readable before loading (hub unreachable or a .gguf file); the vocabulary "
@@ -275,7 +280,8 @@ def preflight(config: Any) -> list[str]:
     teacher, student = facts["teacher"], facts["student"]
     if teacher.tokenizer is not None and student.tokenizer is not None and {"synthesize", "kd"} & set(stages):
         problems += cross_vocabulary_problems(config, stages, teacher.tokenizer, student.tokenizer)
-        check_prompt_convention(config, teacher.tokenizer, student.tokenizer)  # logs; never a problem
+        if inputs_readable:
+            check_prompt_convention(config, teacher.tokenizer, student.tokenizer)  # logs; never a problem
     vocab = len(student.tokenizer) if student.tokenizer is not None else 0
     for field in ("token_top_k", "entropy_top_k"):
         if vocab and config.synthesis[field] > vocab:
