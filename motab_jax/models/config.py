@@ -122,7 +122,9 @@ class ModelConfig:
     experts_per_token: int = 0
     swiglu_limit: float = 7.0  # the experts' clamped SwiGLU: gate <= limit, |up| <= limit
     swiglu_alpha: float = 1.702
-    moe_impl: str = "grouped"  # "grouped" (ragged_dot over the routed assignments) or "dense" (the reference)
+    # "grouped" (ragged_dot over the routed assignments), "dense" (all experts: the reference) or "auto" (grouped on
+    # GPU/TPU, dense on CPU; models.moe).
+    moe_impl: str = "auto"
     # Mesh axes the experts dimension is split over: set by loading from the placement rules (`expert_axes_for`),
     # read by the MoE layer to run expert-parallel; () = every device holds every expert.
     expert_axes: tuple[str, ...] = ()
@@ -163,8 +165,8 @@ class ModelConfig:
         if self.num_experts and not 0 < self.experts_per_token <= self.num_experts:
             raise ValueError(f"experts_per_token={self.experts_per_token} must be in [1, num_experts="
                              f"{self.num_experts}]")
-        if self.moe_impl not in ("grouped", "dense"):
-            raise ValueError(f"moe_impl={self.moe_impl!r}; accepted: 'grouped', 'dense'")
+        if self.moe_impl not in ("auto", "grouped", "dense"):
+            raise ValueError(f"moe_impl={self.moe_impl!r}; accepted: 'auto', 'grouped', 'dense'")
         if self.layer_windows and len(self.layer_windows) != self.num_layers:
             raise ValueError(f"layer_windows has {len(self.layer_windows)} entries for {self.num_layers} layers")
         if not 0 <= self.logits_vocab_size <= self.vocab_size:
@@ -205,8 +207,10 @@ class ModelConfig:
 
     @property
     def num_active_params(self) -> int:
-        """Parameters one token reads: all but the experts it is not routed to."""
-        return self._params(self.experts_per_token or 1)
+        """Parameters one token's forward reads: all but the experts it is not routed to and the embedding
+        rows of other tokens (gpt-oss-120b: 5.1 B of 116.8 B, as OpenAI counts them)."""
+        embedding_rows = 0 if self.tie_word_embeddings else self.vocab_size * self.hidden_size
+        return self._params(self.experts_per_token or 1) - embedding_rows
 
 
 def _read_rope(hf: dict[str, Any], source: str) -> RopeConfig:

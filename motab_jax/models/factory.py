@@ -7,7 +7,7 @@ from typing import Any, Mapping
 
 from jax.sharding import Mesh
 
-from motab_jax.models.config import DTYPES, ModelConfig
+from motab_jax.models.config import DTYPES, ModelConfig, RopeConfig
 from motab_jax.models.loading import init_random, load, vocab_for_logits
 from motab_jax.models.sharding import DEFAULT_RULES, Rules
 from motab_jax.models.transformer import Decoder
@@ -56,8 +56,11 @@ def validate_model_spec(spec: Mapping[str, Any], field: str) -> list[str]:
 def init_fields(spec: Mapping[str, Any]) -> dict[str, Any]:
     """The ModelConfig fields of a random-init spec (`spec.init`), with sequences as tuples (hashable)."""
     fields = dict(spec["init"])
-    if "eos_token_ids" in fields:
-        fields["eos_token_ids"] = tuple(fields["eos_token_ids"])
+    for name in ("eos_token_ids", "layer_windows", "expert_axes"):
+        if name in fields:
+            fields[name] = tuple(fields[name])
+    if isinstance(fields.get("rope"), Mapping):
+        fields["rope"] = RopeConfig(**fields["rope"])
     return fields
 
 

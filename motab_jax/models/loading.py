@@ -267,6 +267,8 @@ def load(path_or_hub_id: str | os.PathLike, *, dtype: str = "bfloat16", mesh: Me
             tokenizer = None
     else:
         raise ValueError(f"{path}: expected a model folder or a .gguf file")
+    if path.is_dir():
+        hf_config = _with_generation_eos(hf_config, path)
     cfg = config_from_hf(hf_config, source=str(path / "config.json") if path.is_dir() else str(path), **fields)
     if tokenizer is not None and "logits_vocab_size" not in config_overrides:
         cfg = cfg.replace(logits_vocab_size=vocab_for_logits(cfg, len(tokenizer), str(path)))
@@ -274,6 +276,26 @@ def load(path_or_hub_id: str | os.PathLike, *, dtype: str = "bfloat16", mesh: Me
     model = abstract_decoder(cfg)
     set_param_values(model, load_params(cfg, source, mesh, where=str(path), rules=rules))
     return model, tokenizer
+
+
+def _with_generation_eos(hf_config: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """`hf_config` with the eos ids of `generation_config.json` added: what `generate` stops on (gpt-oss lists
+    <|return|>, <|endoftext|> and <|call|> there, its config.json only <|return|>)."""
+    file = folder / "generation_config.json"
+    if not file.exists():
+        return hf_config
+    try:
+        extra = json.loads(file.read_text()).get("eos_token_id")
+    except (json.JSONDecodeError, AttributeError):
+        log.warning("%s is not a JSON object; its eos ids are ignored", file)
+        return hf_config
+    own = _token_ids(hf_config.get("eos_token_id"))
+    merged = own + [i for i in _token_ids(extra) if i not in own]
+    return {**hf_config, "eos_token_id": merged} if merged else hf_config
+
+
+def _token_ids(value: Any) -> list[int]:
+    return [int(v) for v in (value if isinstance(value, list) else [value] if value is not None else [])]
 
 
 def vocab_for_logits(cfg: ModelConfig, tokenizer_size: int, where: str) -> int:

@@ -8,6 +8,8 @@
 - `grouped_experts` (the engine's and training's path): the token-expert assignments sorted by expert and
   one `jax.lax.ragged_dot` per projection, so each assignment costs one expert's FLOPs whatever the expert
   count. `dense_experts` computes every expert for every token: the reference the tests compare against.
+  "auto" picks grouped on GPU and TPU and dense on CPU, where XLA lowers ragged_dot to a loop of masked dense
+  products and the dense path measured 2.5-5x faster (`experiments/bench_moe.py`).
 - Expert parallelism: when the experts axis of the weights is split over mesh axes (the logical-axis rules
   decide; `expert_mesh_axes`), the layer runs under `shard_map` manual over those axes: every device holds
   E / n experts and sees all tokens (replicated: the engine's forwards carry few tokens, decode steps and
@@ -27,7 +29,7 @@ from jax.sharding import PartitionSpec
 
 from motab_jax.models.config import ModelConfig
 
-MoEImpl = Literal["grouped", "dense"]
+MoEImpl = Literal["auto", "grouped", "dense"]
 _EXPERT_PARAMS = ("expert_gate_up", "expert_gate_up_bias", "expert_down", "expert_down_bias")
 
 
@@ -47,11 +49,15 @@ def _swiglu(cfg: ModelConfig, gate_up: jax.Array) -> jax.Array:
 
 
 def dense_experts(cfg: ModelConfig, p: dict[str, jax.Array], h: jax.Array, weights: jax.Array,
-                  experts: jax.Array) -> jax.Array:
-    """Every expert on every token [N, D], combined with the routing weights: the reference."""
+                  experts: jax.Array, first_expert: jax.Array | int = 0) -> jax.Array:
+    """Every expert held in `p` (global ids from `first_expert`) on every token, combined with the routing weights
+    [N, D]: the reference, and the faster path where XLA has no grouped matmul (CPU)."""
+    local = p["expert_down"].shape[0]
     gate_up = jnp.einsum("nd,edf->nef", h, p["expert_gate_up"]) + p["expert_gate_up_bias"]
     out = jnp.einsum("nef,efd->ned", _swiglu(cfg, gate_up), p["expert_down"]) + p["expert_down_bias"]
-    combine = jnp.zeros((h.shape[0], cfg.num_experts), h.dtype).at[jnp.arange(h.shape[0])[:, None], experts].add(weights)
+    ids = experts - first_expert
+    ids = jnp.where((ids >= 0) & (ids < local), ids, local)  # another device's expert: out of bounds, dropped
+    combine = jnp.zeros((h.shape[0], local), h.dtype).at[jnp.arange(h.shape[0])[:, None], ids].add(weights, mode="drop")
     return jnp.einsum("ne,ned->nd", combine, out)
 
 
@@ -76,25 +82,32 @@ def grouped_experts(cfg: ModelConfig, p: dict[str, jax.Array], h: jax.Array, wei
     return jnp.zeros((n, h.shape[-1]), out.dtype).at[order // k].add(out * scale[:, None])
 
 
-def moe_mlp(cfg: ModelConfig, p: dict[str, jax.Array], h: jax.Array, impl: MoEImpl = "grouped",
+def resolve_moe_impl(impl: str) -> str:
+    if impl not in ("auto", "grouped", "dense"):
+        raise ValueError(f"moe_impl={impl!r}; accepted: 'auto', 'grouped', 'dense'")
+    if impl == "auto":
+        return "dense" if jax.default_backend() == "cpu" else "grouped"
+    return impl
+
+
+def moe_mlp(cfg: ModelConfig, p: dict[str, jax.Array], h: jax.Array, impl: MoEImpl = "auto",
             mesh: jax.sharding.AbstractMesh | jax.sharding.Mesh | None = None) -> jax.Array:
     """h [B, T, D] -> the MoE MLP's output [B, T, D]. With `mesh`, the experts are split over its axes
     `cfg.expert_axes` (what the placement rules gave the weights)."""
     b, t, d = h.shape
     flat = h.reshape(b * t, d)
     weights, experts = route(cfg, flat, p["router"], p["router_bias"])
-    if impl == "dense":
-        return dense_experts(cfg, p, flat, weights, experts).reshape(b, t, d)
+    apply = dense_experts if resolve_moe_impl(impl) == "dense" else grouped_experts
     expert_params = {name: p[name] for name in _EXPERT_PARAMS}
     axes = tuple(cfg.expert_axes)
     if not axes or mesh is None:
-        return grouped_experts(cfg, expert_params, flat, weights, experts).reshape(b, t, d).astype(h.dtype)
+        return apply(cfg, expert_params, flat, weights, experts).reshape(b, t, d).astype(h.dtype)
 
     def local(params, flat, weights, experts):
         index = jnp.int32(0)
         for axis in axes:  # row-major over the axes, as the experts dimension is split
             index = index * jax.lax.axis_size(axis) + jax.lax.axis_index(axis)
-        out = grouped_experts(cfg, params, flat, weights, experts, index * params["expert_down"].shape[0])
+        out = apply(cfg, params, flat, weights, experts, index * params["expert_down"].shape[0])
         return jax.lax.psum(out, axes)
 
     spec = PartitionSpec(axes)

@@ -199,6 +199,12 @@ class Decoder(nnx.Module):
         if num_pages is None:
             num_pages = (pages_for_budget(budget_bytes, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, page_size,
                                           dtype) if budget_bytes is not None else batch * pages_per_seq + 1)
+        if cfg.attention_sinks or cfg.has_windows:
+            # Only the reference paged path has sinks and sliding windows (see paged_attention's docstring).
+            if impl not in ("auto", "reference"):
+                raise ValueError(f"paged attention impl={impl!r} has no attention sinks or sliding windows, which "
+                                 f"{cfg.model_type} needs; use impl='auto' or 'reference'")
+            impl = "reference"
         return PagedKVCache.zeros(num_layers=cfg.num_layers, num_kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
                                   num_pages=num_pages, page_size=page_size, batch=batch, pages_per_seq=pages_per_seq,
                                   dtype=dtype, impl=impl)

@@ -30,7 +30,9 @@ def _layer_bytes_no_remat(cfg: ModelConfig, seq_len: int, c: int, attention_impl
     total = c * d  # the layer's input: the scan carry
     total += 2 * (_F32 * d + 2 * c * d)  # two RMSNorms: float32 copy of the input, normalised and weighted outputs
     total += c * (2 * q + 3 * kv) + 4 * c * dh  # q, k, v projections, RoPE'd q and k, the cos/sin tables' casts
-    total += 6 * c * f  # gate and up projections, silu's internals (3) and silu(gate) * up (w_down's input)
+    # gate and up projections, silu's internals (3) and silu(gate) * up (w_down's input); a mixture of experts
+    # does this once per routed expert, plus the router's logits
+    total += 6 * c * f * max(cfg.experts_per_token, 1) + c * cfg.num_experts
     if attention_impl in DENSE_ATTENTION:
         # Masked scores and their exponentials in float32 per (head, key); XLA recomputes the mask and the
         # cast probabilities from them; plus the attention output (w_o's input).
@@ -128,6 +130,8 @@ def _resolved_attention(spec: Any, cfg: ModelConfig, seq_len: int) -> str:
     """The kernel training rows (packed, with segment ids, no cache) get on this backend."""
     from motab_jax.models.attention import resolve_impl
 
+    if cfg.attention_sinks or cfg.has_windows:
+        return "xla"  # sinks and windows run the XLA reference (models.attention)
     return resolve_impl(str(spec.get("attention_impl", "auto")), self_attention=True, segmented=True, length=seq_len,
                         head_dim=cfg.head_dim, dtype=jax.numpy.dtype(spec.compute_dtype or spec.dtype))
 

@@ -82,9 +82,14 @@ def _tokenizer_json() -> str:
 
 def o200k_harmony_tokenizer() -> PreTrainedTokenizerFast:
     """A fast tokenizer with tiktoken ``o200k_harmony``'s ids (201,088): eos ``<|return|>`` (gpt-oss ends a final
-    answer with it), pad ``<|endoftext|>``. No chat template: gpt-oss prompts are rendered in the harmony format.
-    Built once per process (a few seconds), wrapped fresh per call."""
-    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(_tokenizer_json()), eos_token="<|return|>",
-                                   pad_token="<|endoftext|>", bos_token=None, unk_token=None,
-                                   model_max_length=131072, clean_up_tokenization_spaces=False,
-                                   split_special_tokens=False, errors="replace")
+    answer with it), pad ``<|endoftext|>``, and the harmony chat template (`text.harmony`; reasoning "medium" unless
+    `reasoning_effort=` is passed to `apply_chat_template`). Built once per process (a few seconds), wrapped fresh
+    per call."""
+    from motab_jax.text.harmony import harmony_chat_template
+
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(_tokenizer_json()), eos_token="<|return|>",
+                                        pad_token="<|endoftext|>", bos_token=None, unk_token=None,
+                                        model_max_length=131072, clean_up_tokenization_spaces=False,
+                                        split_special_tokens=False, errors="replace")
+    tokenizer.chat_template = harmony_chat_template()
+    return tokenizer
