@@ -169,7 +169,8 @@ def _loose_only(response: str) -> list[str]:
     """The response behind a first and a last line of noise (commas, capitals, markup, a bullet, a divider),
     and with a "*" every 7 characters: strict judges the noise, the loose mode cuts or removes it."""
     noise = "SURE, HERE IT IS WITH **BOLD** *STARS* <<T>> [P] P.S. *** ******"
-    return [f"{noise}\n{response}\n* HOPE, THIS HELPS ***", "*".join(response[i:i + 7] for i in range(0, len(response), 7))]
+    starred = "*".join(response[i:i + 7] for i in range(0, len(response), 7))
+    return [f"{noise}\n{response}\n* HOPE, THIS HELPS ***", starred]
 
 
 def _cases():
@@ -181,8 +182,10 @@ def _cases():
         if p.key in ("1122", "1129"):
             continue
         for instruction in p.instructions:
-            if instruction.kwargs.get("language", "de") in ("de", "ru", "hi", "pt", "fi", "ko", "it") and \
-                    (instruction.id != "length_constraints:number_words" or instruction.kwargs["relation"] == "less than"):
+            language = instruction.kwargs.get("language", "de")
+            relation = instruction.kwargs.get("relation", "less than")
+            if language in ("de", "ru", "hi", "pt", "fi", "ko", "it") and \
+                    (instruction.id != "length_constraints:number_words" or relation == "less than"):
                 first.setdefault(instruction.id, p)
     cases = []
     for instruction_id, p in sorted(first.items()):
@@ -252,7 +255,7 @@ def test_degenerate_outputs_are_judged_in_bounded_time(reference):
     every_type = list(prompts.values())
     units = ["\n", "[", "<<", " ", "* \n", "[" * 5 + "\n", "a. ", "{"]
     for unit in units:
-        short = unit * (600 // len(unit))
+        short = unit * (600 // len(unit)) + "x"  # not all whitespace: an empty response is not checked
         ours = judge(short, every_type)
         for instruction, strict, loose in zip(every_type, ours.strict, ours.loose):
             example = reference.InputExample(key=0, instruction_id_list=[instruction.id], prompt="p",
@@ -262,8 +265,8 @@ def test_degenerate_outputs_are_judged_in_bounded_time(reference):
             assert ([strict], [loose]) == expected, (instruction.id, unit)
     start = time.monotonic()
     for unit in units:
-        judge(unit * (40_000 // len(unit)), every_type)
-    assert time.monotonic() - start < 20  # the reference takes about 40 s on the blank lines alone
+        judge(unit * (40_000 // len(unit)) + "x", every_type)
+    assert time.monotonic() - start < 20  # the reference took 27 s on the blank lines' bullet count alone
 
 
 def test_loose_variants_and_metrics_closed_form():
@@ -274,7 +277,8 @@ def test_loose_variants_and_metrics_closed_form():
     assert summarize_ifeval(records) == {"num_instructions": 6, "prompt_level_strict": 1 / 3,
                                          "instruction_level_strict": 3 / 6, "prompt_level_loose": 2 / 3,
                                          "instruction_level_loose": 5 / 6}
-    two = [[{"followed_strict": [True], "followed_loose": [True]}, {"followed_strict": [False], "followed_loose": [True]}]]
+    two = [[{"followed_strict": [True], "followed_loose": [True]},
+            {"followed_strict": [False], "followed_loose": [True]}]]
     assert summarize_ifeval(two)["prompt_level_strict"] == 0.5
     with pytest.raises(ValueError, match="at least one sample"):
         summarize_ifeval([[]])

@@ -83,7 +83,7 @@ def count_words(text: str) -> int:
 
 
 @functools.lru_cache(maxsize=1)
-def _language_detectors() -> Any:
+def _language_factory() -> Any:
     from langdetect.detector_factory import PROFILES_DIRECTORY, DetectorFactory
 
     factory = DetectorFactory()  # our own, seeded: langdetect's global one is random unless seeded
@@ -96,7 +96,7 @@ def detect_language(text: str) -> str | None:
     """ISO 639-1 code of `text` (langdetect, seed 0), or None where langdetect finds no feature."""
     from langdetect.lang_detect_exception import LangDetectException
 
-    detector = _language_detectors().create()
+    detector = _language_factory().create()
     detector.append(text)
     try:
         return detector.detect()
