@@ -222,7 +222,10 @@ def test_data_inputs_are_checked_before_any_weights_load(tmp_path):
     config.eval.benchmarks = "gpqa_diamond"
     assert "comes from the Hugging Face hub" in benchmark_problems(config.eval, ["eval"])[0]
     config.data.questions = "hf:owner/questions@train"
-    assert "HF_HUB_OFFLINE is set" in question_problems(config.data, ["synthesize"])[0]
+    assert question_problems(config.data, ["synthesize"]) == [
+        "data.questions: 'hf:owner/questions@train': HF_HUB_OFFLINE is set, so the hub dataset 'owner/questions' "
+        "cannot be downloaded; unset HF_HUB_OFFLINE, or save the dataset to disk (save_to_disk or JSONL/Parquet "
+        "export) and pass its local path"]
 
 
 def test_run_dir_that_cannot_hold_outputs_is_refused(tmp_path):
@@ -251,10 +254,15 @@ def test_run_py_prints_one_error_line_for_a_bad_command_line(tmp_path):
         "sft.eps, kd.eps, synthesis.entropy_zero? (configs/base.py lists every field)"]
 
 
-def test_run_py_names_a_config_file_that_is_missing_or_broken(tmp_path):
+def _run_module():
     spec = importlib.util.spec_from_file_location("run_module", ROOT / "run.py")
     run = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(run)  # defines no flag: that happens under __main__
+    return run
+
+
+def test_run_py_names_a_config_file_that_is_missing_or_broken(tmp_path):
+    run = _run_module()
     missing = str(tmp_path / "nope.py")
     assert run._describe(OSError(), ["run.py", f"--config={missing}"]) == (
         f"--config={missing}: no such file; give a config file, e.g. --config=configs/demo.py")
@@ -286,3 +294,16 @@ def test_ctrl_c_stops_run_py_with_one_line_and_keeps_the_run_directory(tmp_path)
     assert stderr.strip().splitlines()[-1] == line
     assert line in (run / "run.log").read_text()
     assert (run / "config.json").exists() and not (run / "stages" / "models.done").exists()
+
+
+def test_sigterm_unwinds_like_ctrl_c():
+    """run.py turns SIGTERM (a scheduler's stop) into the same unwinding as Ctrl-C, remembering which it was."""
+    run = _run_module()
+    previous = signal.signal(signal.SIGTERM, run._stop)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises as soon as the signal is delivered
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert run._stopped_by == [signal.SIGTERM]

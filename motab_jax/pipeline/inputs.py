@@ -49,7 +49,7 @@ def question_problems(data: Any, stages: list[str]) -> list[str]:
         return []  # "" and tfds: are reported by validate_config / when read; "demo" is generated
     if source.startswith("hf:"):
         problem = hub_source_problem(source)
-        return [f"data.questions={source!r}: {problem}"] if problem else []
+        return [f"data.questions: {problem}"] if problem else []
     path = Path(source).expanduser()
     if not path.is_file():
         return []  # validate_config names a missing path
