@@ -1,4 +1,5 @@
-"""SFT and on-policy KD training: fitting, sharding, accumulation, normalisation, exact resume, NaN guard."""
+"""SFT and on-policy KD training: fitting, sharding, accumulation, normalisation, exact resume, NaN guard and
+rollback, full disk."""
 
 from __future__ import annotations
 
@@ -12,13 +13,14 @@ import numpy as np
 import pytest
 
 from motab_jax.data import BatchIterator, Example, SFTDataset, build_sft_rows
+from motab_jax.errors import EnvironmentProblem
 from motab_jax.models import MeshConfig, ModelConfig, init_random, make_mesh
 from motab_jax.models.transformer import param_values
 from motab_jax.text import byte_level_tokenizer
 from motab_jax.train.on_policy import RolloutConfig, RolloutSource
 from motab_jax.train.optimizer import OptimizerConfig, make_optimizer
 from motab_jax.train.step import StepConfig, init_train_state, make_train_step
-from motab_jax.train.trainer import TrainConfig, fit, place_batch
+from motab_jax.train.trainer import TrainConfig, TrainingDiverged, fit, place_batch
 
 TOK = byte_level_tokenizer()
 SEQ = 24
@@ -152,12 +154,111 @@ def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(tmp_path):
     assert [h["grad_norm"] for h in rest] == [h["grad_norm"] for h in full[5:]]
 
 
-def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path):
-    bad = _cfg(save_every=1, optimizer=OptimizerConfig(learning_rate=1e9, min_learning_rate=1e9, warmup_ratio=0.0,
-                                                       clip_norm=0.0))
-    with pytest.raises(FloatingPointError, match=r"at step \d+; the last good checkpoint is \d+"):
-        fit(_model(), _batches(epochs=3), bad, tmp_path, progress=False)
-    assert any((tmp_path / "checkpoints").iterdir())
+class _PoisonAt:
+    """A batch source whose batch `step` (1-based) has a NaN loss weight: a corrupt batch or a numeric fault that
+    makes that step's loss and gradients NaN once (the clean source is used on the rerun)."""
+
+    def __init__(self, inner, step: int):
+        self.inner, self.step, self.total_steps = inner, step, inner.total_steps
+
+    def __iter__(self):
+        for i, batch in enumerate(self.inner, 1):
+            if i == self.step:
+                batch = dict(batch, loss_mask=batch["loss_mask"].copy())
+                batch["loss_mask"][0, 0] = np.nan
+            yield batch
+
+    def state(self):
+        return self.inner.state()
+
+    def restore(self, state):
+        self.inner.restore(state)
+
+
+def _small():
+    """The tiny model with one narrow layer: the NaN and disk tests are about the loop, not the model (fast)."""
+    return _model(layers=1, width=32)
+
+
+def _params(model) -> dict[str, np.ndarray]:
+    return {k: np.asarray(v) for k, v in param_values(model).items()}
+
+
+def test_a_nan_at_step_s_rolls_back_to_the_last_good_checkpoint_and_resumes_as_if_it_never_happened(tmp_path):
+    config = _cfg(save_every=2, max_steps=8)
+    clean_model, clean = fit(_small(), _batches(epochs=2), config, tmp_path / "clean", progress=False)
+    # Step 5 runs from the state after step 4 (checkpoint 4) and fails: checkpoint 4 is not known to be good (its
+    # step failed), so it is dropped and the rerun resumes from 2, with the data position saved with it.
+    with pytest.raises(TrainingDiverged, match=r"loss nan / grad norm nan at step 5; the last good checkpoint is 2 "):
+        fit(_small(), _PoisonAt(_batches(epochs=2), 5), config, tmp_path / "cut", progress=False)
+    assert sorted(int(p.name) for p in (tmp_path / "cut" / "checkpoints").iterdir() if p.name.isdigit()) == [2]
+    model, resumed = fit(_small(), _batches(epochs=2), config, tmp_path / "cut", progress=False)
+    assert [h["loss"] for h in resumed] == [h["loss"] for h in clean[2:]]
+    assert [h["grad_norm"] for h in resumed] == [h["grad_norm"] for h in clean[2:]]
+    clean_params, params = _params(clean_model), _params(model)
+    for key in clean_params:
+        np.testing.assert_array_equal(params[key], clean_params[key], err_msg=str(key))
+    # metrics.jsonl was cut back to the resumed step: each step once, as in the run that never saw the NaN.
+    logged = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in logged] == list(range(1, 9))
+    assert [m["loss"] for m in logged] == [h["loss"] for h in clean]
+    # Retention: keep_last=2 checkpoints at the end, the final one among them.
+    assert sorted(int(p.name) for p in (tmp_path / "cut" / "checkpoints").iterdir() if p.name.isdigit()) == [6, 8]
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast")  # the 1e39 learning rate, on purpose
+def test_after_a_divergence_a_lower_learning_rate_resumes_from_a_good_state(tmp_path):
+    # The reported case: lr 1e9 without clipping blows the parameters up (~3e11) in step 1 while its loss is finite;
+    # step 2 from that state has NaN gradients. That state was checkpointed and "resumed from" before: every rerun
+    # failed again. Now the checkpoint whose step failed is dropped, and the rerun at a sane rate (clipping back on:
+    # the optimizer state keeps one structure) trains.
+    blow_up = OptimizerConfig(learning_rate=1e9, min_learning_rate=1e9, warmup_ratio=0.0, clip_norm=0.0)
+    with pytest.raises(TrainingDiverged, match=r"at step 2; no good checkpoint is left"):
+        fit(_small(), _batches(), _cfg(save_every=1, max_steps=4, optimizer=blow_up), tmp_path, progress=False)
+    _, history = fit(_small(), _batches(), _cfg(save_every=1, max_steps=4), tmp_path, progress=False)
+    losses = [h["loss"] for h in history]
+    assert len(losses) == 4 and all(np.isfinite(losses)) and losses[-1] < losses[0]
+    # An update that overflows the state while its loss and gradients are finite stops at that step, unsaved.
+    overflow = OptimizerConfig(learning_rate=1e39, min_learning_rate=1e39, warmup_ratio=0.0)
+    with pytest.raises(TrainingDiverged, match=r"the update of step 1 left a non-finite parameter or optimizer state"):
+        fit(_small(), _batches(), _cfg(save_every=1, max_steps=2, optimizer=overflow), tmp_path / "o", progress=False)
+    assert not any(p.name.isdigit() for p in (tmp_path / "o" / "checkpoints").iterdir())
+
+
+def test_a_full_disk_while_checkpointing_is_one_clear_error_and_keeps_the_earlier_checkpoints(tmp_path):
+    """A real write failure from the kernel: RLIMIT_FSIZE makes any write past the limit fail (EFBIG), like a
+    full disk (ENOSPC) does; no Python or JAX code is replaced."""
+    import resource
+    import signal
+
+    config = _cfg(save_every=1, max_steps=3)
+    fit(_small(), _batches(), config, tmp_path, progress=False)
+    biggest = max(p.stat().st_size for p in (tmp_path / "checkpoints").rglob("*") if p.is_file())
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of the signal's default kill
+    assert biggest > 64 << 10  # the limit below stops any checkpoint data file, not the small metrics.jsonl
+    resource.setrlimit(resource.RLIMIT_FSIZE, (16 << 10, hard))
+    try:
+        with pytest.raises(EnvironmentProblem, match=r"writing checkpoint 4 in .*checkpoints: a file would exceed the "
+                                                     r"file-size limit.*\(checkpoints kept: \[3\]\)"):
+            fit(_small(), _batches(), _cfg(save_every=1, max_steps=6), tmp_path, progress=False)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+    # Checkpoint 3 is intact: the rerun resumes from it and finishes.
+    _, rest = fit(_small(), _batches(), _cfg(save_every=1, max_steps=6), tmp_path, progress=False)
+    assert len(rest) == 3 and all(np.isfinite([h["loss"] for h in rest]))
+
+
+def test_tensorstore_disk_errors_are_read_for_their_errno():
+    from motab_jax.train.checkpoints import disk_problem
+
+    # TensorStore's text for a full disk (captured from a save onto a full tmpfs).
+    error = ValueError('RESOURCE_EXHAUSTED: Error writing "a/0.0" in OCDBT database at local file "/ck/3.orbax-'
+                       'checkpoint-tmp/": Failed to write 58496 bytes to file 4: No space left on device '
+                       "[os_error_code='28']")
+    assert "no space left on the device" in str(disk_problem(error, "writing checkpoint 3"))
+    assert disk_problem(ValueError("shapes do not match"), "writing checkpoint 3") is None
 
 
 def _reverse_kl(student, teacher, batch) -> float:

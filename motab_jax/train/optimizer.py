@@ -73,5 +73,7 @@ def make_optimizer(config: OptimizerConfig, total_steps: int) -> tuple[optax.Gra
     schedule = learning_rate_schedule(config, total_steps)
     adamw = optax.adamw(schedule, b1=config.beta1, b2=config.beta2, eps=config.eps, weight_decay=config.weight_decay,
                         mask=decay_mask)
-    tx = optax.chain(optax.clip_by_global_norm(config.clip_norm), adamw) if config.clip_norm else adamw
+    # Clipping stays in the chain when off (an infinite bound passes every finite update unchanged), so the
+    # optimizer state has one structure and a checkpoint restores after clip_norm was turned on or off.
+    tx = optax.chain(optax.clip_by_global_norm(config.clip_norm or float("inf")), adamw)
     return tx, schedule

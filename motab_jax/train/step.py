@@ -39,6 +39,15 @@ class StepConfig:
     loss_params: tuple[tuple[str, float], ...] = ()
 
 
+def all_finite(tree: Any) -> jax.Array:
+    """[] float32: 1 when every float in `tree` is finite, else 0. A finite loss does not make a finite state:
+    an update can overflow the parameters, or Adam's second moment (grad^2), while the loss it came from was
+    finite; a checkpoint of such a state would poison every resume from it."""
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])).astype(jnp.float32) if leaves \
+        else jnp.ones((), jnp.float32)
+
+
 def init_train_state(model: nnx.Module, tx: optax.GradientTransformation) -> tuple[Any, TrainState]:
     """Split `model` into (graphdef, TrainState); the optimizer moments inherit the parameters' shardings."""
     graphdef, params = nnx.split(model)
@@ -90,7 +99,8 @@ def make_train_step(graphdef: Any, tx: optax.GradientTransformation, config: Ste
         grad_norm = optax.global_norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss_sum * scale, "grad_norm": grad_norm, "target_tokens": total_weight}
+        metrics = {"loss": loss_sum * scale, "grad_norm": grad_norm, "target_tokens": total_weight,
+                   "param_norm": optax.global_norm(params), "state_finite": all_finite((params, opt_state))}
         return TrainState(params, opt_state, state.step + 1), metrics
 
     return step

@@ -4,6 +4,12 @@
 `state()`, `restore(state)` and `total_steps`): the SFT `BatchIterator`, or the on-policy rollout source of
 `motab_jax.train.on_policy`. Metrics per step (loss, target tokens, grad norm, lr, tokens/s, MFU) go to a
 progress bar, to `metrics.jsonl` and to TensorBoard (`tensorboard --logdir <run_dir>/tensorboard`).
+
+NaN guard: a step whose loss or gradient norm is not finite, or whose update leaves a non-finite parameter or
+optimizer state, stops training with `TrainingDiverged`. Only finite states are checkpointed, and a checkpoint
+counts as good once the step from it was finite (checkpoints.py), so after a stop the newest checkpoint left is
+the last good one: rerunning (e.g. with a lower learning rate) resumes from it, with the data position saved with
+it, and reproduces the run that never saw the failure. metrics.jsonl is cut back to the resumed step.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from tqdm.auto import tqdm
 
+from motab_jax.errors import MotabInputError
 from motab_jax.models.export import export_hf
 from motab_jax.models.sharding import logical_to_spec
 from motab_jax.models.transformer import Decoder
@@ -88,8 +95,31 @@ def place_batch(batch: dict[str, np.ndarray], mesh: Mesh | None) -> dict[str, ja
     return out
 
 
+class TrainingDiverged(MotabInputError, FloatingPointError):
+    """The loss, gradients or state stopped being finite; the message names the step and the checkpoint a rerun
+    resumes from."""
+
+
+def _cut_metrics(path: Path, step: int) -> None:
+    """Keep only the lines of steps <= `step` (the state a resume starts from): the steps after it are redone."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_bytes().split(b"\n"):
+        try:
+            if line.strip() and int(json.loads(line)["step"]) <= step:
+                kept.append(line + b"\n")
+        except (ValueError, KeyError, TypeError):  # a torn last line of a killed job
+            continue
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(b"".join(kept))
+    tmp.replace(path)
+
+
 class MetricsWriter:
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, start_step: int = 0):
+        if jax.process_index() == 0:
+            _cut_metrics(run_dir / "metrics.jsonl", start_step)
         self.jsonl = open(run_dir / "metrics.jsonl", "a", encoding="utf-8") if jax.process_index() == 0 else None
         self.tb = None
         if jax.process_index() == 0:
@@ -113,6 +143,26 @@ class MetricsWriter:
             self.jsonl.close()
         if self.tb:
             self.tb.close()
+
+
+def _diverged(step: int, metrics: dict[str, float], state_finite: bool, norms: list[tuple[int, float]],
+              checkpoints: Checkpointer) -> TrainingDiverged:
+    """The stop at `step`, after dropping the newest checkpoint if `step` (which ran from its state) failed."""
+    if math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"]):
+        what = (f"the update of step {step} left a non-finite parameter or optimizer state (loss "
+                f"{metrics['loss']:.4g}, grad norm {metrics['grad_norm']:.4g})")
+        checkpoints.confirm(step - 1)  # the state before it gave a finite step
+    else:
+        what = f"loss {metrics['loss']} / grad norm {metrics['grad_norm']} at step {step}"
+    good = checkpoints.discard_unconfirmed()
+    growth = ""
+    if norms and norms[-1][1] > 10 * norms[0][1]:
+        growth = (f"; the parameter norm grew from {norms[0][1]:.3g} (step {norms[0][0]}) to {norms[-1][1]:.3g} "
+                  f"(step {norms[-1][0]})")
+    where = (f"the last good checkpoint is {good} in {checkpoints.directory} (a rerun resumes from it, at the data "
+             "position saved with it)" if good is not None else
+             f"no good checkpoint is left in {checkpoints.directory} (a rerun starts from the initial weights)")
+    return TrainingDiverged(f"training stopped: {what}{growth}; {where}: lower the learning rate, or check the data")
 
 
 def fit(model: Decoder, batches: BatchSource, config: TrainConfig, run_dir: str | os.PathLike, *,
@@ -141,11 +191,12 @@ def fit(model: Decoder, batches: BatchSource, config: TrainConfig, run_dir: str 
         batches.restore(data_state)
         log.info("resumed from checkpoint %d (%s)", latest, run_dir / "checkpoints")
     start = int(state.step)
-    writer = MetricsWriter(run_dir)
+    writer = MetricsWriter(run_dir, start)
     peak = peak_flops(config)
     history: list[dict[str, float]] = []
     bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=not progress)
-    last_good = latest
+    norms: list[tuple[int, float]] = []  # (step, parameter norm after it): how a divergence built up
+    failed = True
     try:
         iterator = iter(batches)
         for step in range(start, total):
@@ -159,11 +210,11 @@ def fit(model: Decoder, batches: BatchSource, config: TrainConfig, run_dir: str 
             state, metrics = step_fn(state, place_batch(host_batch, mesh), teacher_params)
             metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
             seconds = time.perf_counter() - tick
-            if not math.isfinite(metrics["loss"]) or not math.isfinite(metrics["grad_norm"]):
-                raise FloatingPointError(
-                    f"loss {metrics['loss']} / grad norm {metrics['grad_norm']} at step {step + 1}; the last good "
-                    f"checkpoint is {last_good} in {run_dir / 'checkpoints'} (rerun resumes from it): lower the "
-                    "learning rate or check the data")
+            state_finite = metrics.pop("state_finite") == 1.0
+            if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"]) and state_finite):
+                raise _diverged(step + 1, metrics, state_finite, norms, checkpoints)
+            checkpoints.confirm(step)  # the state after `step` gave a finite step: its checkpoint is good
+            norms = (norms + [(step + 1, metrics["param_norm"])])[-64:]
             tokens = float(host_batch["segment_ids"].astype(bool).sum()) * jax.process_count()
             metrics.update(lr=float(schedule(step)), seconds=seconds, tokens_per_s=tokens / seconds)
             if peak:
@@ -174,17 +225,22 @@ def fit(model: Decoder, batches: BatchSource, config: TrainConfig, run_dir: str 
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
                             tok_s=f"{metrics['tokens_per_s']:.0f}")
             bar.update(1)
-            meta = {"step": step + 1, "loss": metrics["loss"]}
-            if checkpoints.save(step + 1, state, batches.state(), meta):
-                last_good = step + 1
+            meta = {"step": step + 1, "loss": metrics["loss"], "param_norm": metrics["param_norm"]}
+            checkpoints.save(step + 1, state, batches.state(), meta)
         final = int(state.step)
         checkpoints.wait()
         if checkpoints.latest_step() != final:
             checkpoints.save(final, state, batches.state(), {"step": final}, force=True)
+        checkpoints.confirm(final)  # the trained state (finite: checked after its step)
+        failed = False
     finally:
         bar.close()
-        checkpoints.close()
         writer.close()
+        try:
+            checkpoints.close()
+        except Exception:  # noqa: BLE001 - the error already on its way out says more (it is the same save)
+            if not failed:
+                raise
     nnx.update(model, state.params)
     if config.export and tokenizer is not None:
         export_hf(model, tokenizer, run_dir / "hf")
