@@ -25,6 +25,10 @@ class MissingInputError(MotabInputError, FileNotFoundError):
     that)."""
 
 
+class CheckpointError(MotabInputError):
+    """A weights file (safetensors, GGUF) that is not whole or not valid; the message names the file (and tensor)."""
+
+
 class PromptTooLongError(MotabInputError):
     """A prompt longer than the positions the engine's caches were sized for (`max_prompt_len`)."""
 

@@ -22,11 +22,12 @@ from configs import demo
 from fixtures.make_golden import GOLDEN_DIR
 from motab_jax.data import InvalidRecordError, read_examples
 from motab_jax.data.questions import read_question_file, read_questions
-from motab_jax.errors import EnvironmentProblem, MissingInputError, MotabInputError, PromptTooLongError
+from motab_jax.errors import (CheckpointError, EnvironmentProblem, MissingInputError, MotabInputError,
+                              PromptTooLongError)
 from motab_jax.eval.benchmarks import read_jsonl_problems
 from motab_jax.jsonl import JsonlError, append_records, iter_jsonl, read_json, read_jsonl, read_records
 from motab_jax.models.config import UnsupportedModelError, config_from_hf
-from motab_jax.models.safetensors_io import CheckpointError, SafetensorsFile
+from motab_jax.models.safetensors_io import SafetensorsFile
 from motab_jax.pipeline import ConfigError, preflight, run_pipeline, validate_config
 from motab_jax.pipeline.inputs import benchmark_problems, question_problems, unknown_field_message
 
@@ -147,6 +148,16 @@ def test_checkpoint_and_model_files_name_the_file(tmp_path):
     config.teacher.path = str(folder)
     with pytest.raises(MotabInputError, match=r"config\.json: not valid JSON"):  # the preflight reads it first
         preflight(config)
+    from motab_jax.models.gguf import read_gguf
+    from test_gguf import _write_tiny_gguf
+
+    _write_tiny_gguf(tmp_path / "tiny.gguf")
+    data = (tmp_path / "tiny.gguf").read_bytes()
+    for cut in (len(data) - 100, 200, 10):
+        (tmp_path / "cut.gguf").write_bytes(data[:cut])
+        with pytest.raises(CheckpointError, match=r"cut\.gguf: (not a readable GGUF file, corrupt or truncated|"
+                                                  r"truncated: )"):
+            read_gguf(tmp_path / "cut.gguf")
     hf = json.loads((GOLDEN_DIR / "llama3_untied" / "config.json").read_text())
     with pytest.raises(UnsupportedModelError, match=r"x/config\.json: model_type 'mistral' is not supported") as e:
         config_from_hf({**hf, "model_type": "mistral"}, source="x/config.json")

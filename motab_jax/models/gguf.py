@@ -17,9 +17,13 @@ import json
 import os
 import pathlib
 import re
+import struct
 from typing import Any
 
 import numpy as np
+
+from motab_jax.errors import CheckpointError, MissingInputError
+from motab_jax.models.config import UnsupportedModelError
 
 SUPPORTED_ARCHITECTURES: tuple[str, ...] = ("llama",)
 SUPPORTED_TOKENIZER_MODELS: tuple[str, ...] = ("gpt2",)
@@ -80,23 +84,23 @@ class GGUFCheckpoint:
 def read_gguf(path: str | os.PathLike) -> GGUFCheckpoint:
     """Read a Llama GGUF file into a `GGUFCheckpoint` (float32 tensors, config and tokenizer).
 
-    Raises:
-        FileNotFoundError: `path` does not exist.
-        ValueError: the architecture, tokenizer model, pre-tokenizer, a tensor type or a tensor
-            name/shape is not one this reader supports.
+    Raises (all `motab_jax.errors.MotabInputError`s):
+        MissingInputError (a FileNotFoundError): `path` does not exist.
+        UnsupportedModelError (a ValueError): the architecture, tokenizer model, pre-tokenizer, a tensor type or
+            a tensor name is not one this reader supports.
+        CheckpointError (a ValueError): the file is corrupt or truncated, or a tensor's shape does not match
+            the metadata.
     """
     import gguf
 
     path = pathlib.Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"GGUF file not found: {str(path)!r}")
-    reader = gguf.GGUFReader(path)
+    reader = _open(path)
     metadata = {name: field.contents() for name, field in reader.fields.items()}
     float32_keys = {n for n, f in reader.fields.items() if f.types == [gguf.GGUFValueType.FLOAT32]}
 
     architecture = metadata.get("general.architecture")
     if architecture not in SUPPORTED_ARCHITECTURES:
-        raise ValueError(
+        raise UnsupportedModelError(
             f"{path}: unsupported GGUF architecture {architecture!r}; supported: {list(SUPPORTED_ARCHITECTURES)}"
         )
     tied = all(t.name != "output.weight" for t in reader.tensors)
@@ -106,14 +110,33 @@ def read_gguf(path: str | os.PathLike) -> GGUFCheckpoint:
     return GGUFCheckpoint(hf_config=hf_config, tensors=tensors, tokenizer=tokenizer)
 
 
-def read_gguf_tokenizer(path: str | os.PathLike) -> Any:
-    """Only the tokenizer of a GGUF file (no tensor is read): a `PreTrainedTokenizerFast`."""
+def _open(path: pathlib.Path) -> Any:
+    """A `gguf.GGUFReader` of `path`, which holds the data of every tensor its header lists; a missing,
+    unreadable or truncated file raises a `MotabInputError` naming it."""
     import gguf
 
-    path = pathlib.Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"GGUF file not found: {str(path)!r}")
-    reader = gguf.GGUFReader(path)
+        raise MissingInputError(f"GGUF file not found: {str(path)!r}")
+    redo = "download or convert it again"
+    try:
+        reader = gguf.GGUFReader(path)
+    except (ValueError, IndexError, KeyError, struct.error) as e:  # gguf's parser on a corrupt or cut header
+        raise CheckpointError(f"{path}: not a readable GGUF file, corrupt or truncated ({type(e).__name__}: {e}); "
+                              f"{redo}") from e
+    size = path.stat().st_size
+    cut = sorted((t.data_offset, t.name, t.data_offset + t.n_bytes) for t in reader.tensors
+                 if t.data_offset + t.n_bytes > size)
+    if cut:
+        _, name, end = cut[0]
+        raise CheckpointError(f"{path}: truncated: the file has {size} bytes but tensor {name!r} (the first cut off, "
+                              f"of {len(cut)}) ends at byte {end} (an interrupted download or copy?); {redo}")
+    return reader
+
+
+def read_gguf_tokenizer(path: str | os.PathLike) -> Any:
+    """Only the tokenizer of a GGUF file (no tensor is read): a `PreTrainedTokenizerFast`."""
+    path = pathlib.Path(path)
+    reader = _open(path)
     return _build_tokenizer(path, {name: field.contents() for name, field in reader.fields.items()
                                    if name.startswith("tokenizer.")})
 
@@ -140,7 +163,7 @@ def convert_gguf_to_hf(path: str | os.PathLike, out_dir: str | os.PathLike) -> p
 
 def _require(path: pathlib.Path, metadata: dict[str, Any], key: str) -> Any:
     if key not in metadata:
-        raise ValueError(f"{path}: GGUF metadata key {key!r} is missing")
+        raise CheckpointError(f"{path}: GGUF metadata key {key!r} is missing")
     return metadata[key]
 
 
@@ -156,7 +179,7 @@ def _hf_config(
     """Map `llama.*` / `tokenizer.ggml.*` metadata to a `LlamaConfig`-style dict."""
     scaling = metadata.get("llama.rope.scaling.type", "none")
     if scaling != "none":
-        raise ValueError(f"{path}: unsupported RoPE scaling type {scaling!r}; supported: ['none']")
+        raise UnsupportedModelError(f"{path}: unsupported RoPE scaling type {scaling!r}; supported: ['none']")
     hidden = int(_require(path, metadata, "llama.embedding_length"))
     n_head = int(_require(path, metadata, "llama.attention.head_count"))
     head_dim = metadata.get("llama.attention.key_length", metadata.get("llama.rope.dimension_count"))
@@ -249,13 +272,13 @@ def _read_tensors(path: pathlib.Path, reader: Any, cfg: dict[str, Any]) -> dict[
     for tensor in reader.tensors:
         hf_name = _hf_name(tensor.name)
         if hf_name is None or hf_name not in expected:
-            raise ValueError(
+            raise UnsupportedModelError(
                 f"{path}: unexpected GGUF tensor {tensor.name!r} for a Llama model; "
                 f"supported tensors: {sorted(_TENSOR_NAMES)}"
             )
         type_name = tensor.tensor_type.name
         if type_name not in SUPPORTED_TENSOR_TYPES:
-            raise ValueError(
+            raise UnsupportedModelError(
                 f"{path}: tensor {tensor.name!r} has unsupported GGUF tensor type {type_name!r}; "
                 f"supported: {list(SUPPORTED_TENSOR_TYPES)}"
             )
@@ -266,7 +289,7 @@ def _read_tensors(path: pathlib.Path, reader: Any, cfg: dict[str, Any]) -> dict[
             weight = np.array(weight)  # own the memory: the file's memory map is read-only
         weight = weight.astype(np.float32, copy=False)
         if shape != expected[hf_name]:
-            raise ValueError(
+            raise CheckpointError(
                 f"{path}: tensor {tensor.name!r} has shape {list(shape)}, expected {list(expected[hf_name])} "
                 f"(Hugging Face layout of {hf_name!r}) from the file's metadata"
             )
@@ -276,7 +299,7 @@ def _read_tensors(path: pathlib.Path, reader: Any, cfg: dict[str, Any]) -> dict[
             weight = _unpermute_rope_rows(weight, cfg["num_key_value_heads"])
         tensors[hf_name] = weight
     if missing := sorted(set(expected) - set(tensors)):
-        raise ValueError(f"{path}: GGUF file lacks tensors for {missing[:5]} ({len(missing)} missing)")
+        raise CheckpointError(f"{path}: GGUF file lacks tensors for {missing[:5]} ({len(missing)} missing)")
     return tensors
 
 
@@ -287,13 +310,13 @@ def _build_tokenizer(path: pathlib.Path, metadata: dict[str, Any]) -> Any:
 
     model = metadata.get("tokenizer.ggml.model")
     if model not in SUPPORTED_TOKENIZER_MODELS:
-        raise ValueError(
+        raise UnsupportedModelError(
             f"{path}: unsupported GGUF tokenizer model {model!r}; supported: {list(SUPPORTED_TOKENIZER_MODELS)}"
         )
     # Files written before llama.cpp recorded the pre-tokenizer fall back to GPT-2's.
     pre = metadata.get("tokenizer.ggml.pre", "gpt-2")
     if pre not in _PRE_TOKENIZER_SPLITS:
-        raise ValueError(
+        raise UnsupportedModelError(
             f"{path}: unsupported GGUF pre-tokenizer {pre!r}; supported: {sorted(_PRE_TOKENIZER_SPLITS)}"
         )
     tokens: list[str] = _require(path, metadata, "tokenizer.ggml.tokens")

@@ -18,7 +18,9 @@ from typing import Iterable, Mapping
 import ml_dtypes
 import numpy as np
 
-from motab_jax.errors import MotabInputError
+from motab_jax.errors import CheckpointError
+
+__all__ = ["DTYPES", "CheckpointError", "SafetensorsFile", "save_safetensors"]
 
 DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
@@ -26,10 +28,6 @@ DTYPES: dict[str, np.dtype] = {
     "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
 }
 _NAMES = {v: k for k, v in DTYPES.items()}
-
-
-class CheckpointError(MotabInputError):
-    """A weights file that is not a whole, valid safetensors file; the message names the file (and tensor)."""
 
 
 class SafetensorsFile:
