@@ -338,3 +338,45 @@ def test_the_gpt_oss_120b_pair_passes_the_synthesis_preflight_on_a_v5p_8():
     assert memory_problems(config, teacher, student, ["synthesize", "eval"], 4 * 95e9) == []
     problems = memory_problems(config, teacher, student, ["synthesize"], 2 * 80e9)  # 234 GB of weights
     assert problems and "stage synthesize needs at least" in problems[0]
+
+
+@pytest.mark.parametrize("window", [0, 4])
+def test_splash_with_sinks_and_a_window_equals_the_xla_reference(window):
+    """The TPU kernel's path (Pallas interpret mode on CPU): sinks and the layer's window, chosen by lax.cond."""
+    from motab_jax.models.attention import AttentionExtras, AttentionMask, attention
+
+    keys = jax.random.split(jax.random.key(0), 4)
+    q = jax.random.normal(keys[0], (1, 128, 4, 8))
+    k, v = jax.random.normal(keys[1], (1, 128, 2, 8)), jax.random.normal(keys[2], (1, 128, 2, 8))
+    index = jnp.broadcast_to(jnp.arange(128), (1, 128))
+    mask = AttentionMask(index, index, self_attention=True)
+    extras = AttentionExtras(jax.random.normal(keys[3], (4,)), jnp.int32(window), window_size=4)
+    got = jax.jit(lambda q, k, v, e: attention(q, k, v, mask, "splash", e))(q, k, v, extras)
+    want = attention(q, k, v, mask, "xla", extras)
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
+    plain = attention(q, k, v, mask, "xla")
+    assert np.abs(np.asarray(want) - np.asarray(plain)).max() > 1e-2  # sinks (and the window) change the output
+
+
+def test_evaluation_grades_only_a_gpt_oss_replys_final_channel():
+    """The harness grades a harmony reply's final channel: an answer boxed in the analysis and contradicted by the
+    final channel is wrong; a reply still in its analysis when the budget ran out has nothing to grade."""
+    from motab_jax.eval.benchmarks import BENCHMARKS, Problem
+    from motab_jax.eval.grading import GradingPool
+    from motab_jax.eval.harness import EvalConfig, _grades, _unchanged
+    from motab_jax.sampling.generate import Completion
+    from motab_jax.text.harmony import final_text, is_harmony_tokenizer
+    from motab_jax.text.o200k import o200k_harmony_tokenizer
+
+    assert is_harmony_tokenizer(o200k_harmony_tokenizer())
+    assert not is_harmony_tokenizer(motab_jax.text.byte_level_tokenizer())
+    replies = ["analysisMaybe \\boxed{5}? No: 2+2=4.assistantfinalThe answer is \\boxed{4}.",  # right
+               "analysisSo \\boxed{4}.assistantfinal\\boxed{5}",  # the final answer is wrong
+               "analysisLet me think: \\boxed{4} is likely"]  # cut off in the analysis
+    group = [((0, j), Completion(text, [], "stop")) for j, text in enumerate(replies)]
+    problems = [Problem(id="p", problem="2+2?", answer="4")]
+    with GradingPool(num_workers=1) as pool:
+        graded = _grades(BENCHMARKS["math500"], problems, group, pool, EvalConfig(), final_text)
+        plain = _grades(BENCHMARKS["math500"], problems, group, pool, EvalConfig(), _unchanged)
+    assert [g["correct"] for g in graded] == [True, False, False]
+    assert [g["correct"] for g in plain] != [True, False, False]  # the test can fail: the analysis would count

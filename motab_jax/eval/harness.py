@@ -16,12 +16,12 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from tqdm.auto import tqdm
 
 from motab_jax.eval.benchmarks import BenchmarkSpec, Problem, load_problems, resolve
-from motab_jax.eval.grading import GradingPool, strip_thinking
+from motab_jax.eval.grading import DEFAULT_TIMEOUT_S, GradingPool, strip_thinking
 from motab_jax.eval.ifeval import judge, summarize_ifeval
 from motab_jax.eval.metrics import length_summary, length_table, summarize
 from motab_jax.jsonl import append_records, read_records
@@ -30,6 +30,7 @@ from motab_jax.motab.generation import GenerationConfig, generate_rows
 from motab_jax.sampling.generate import completion, default_stop_tokens
 from motab_jax.sampling.rules import make_rule
 from motab_jax.sampling.sampler import bucket
+from motab_jax.text.harmony import final_text, is_harmony_tokenizer
 from motab_jax.text.prompts import question_prompt
 
 log = logging.getLogger("motab_jax")
@@ -52,7 +53,7 @@ class EvalConfig:
     prompt_format: str = "chat"  # "chat" (the tokenizer's chat template) or "raw"
     system_prompt: str = ""
     grading_workers: int = 2
-    item_timeout: float = 5.0  # seconds per graded sample; a timeout counts as wrong and is reported
+    item_timeout: float = DEFAULT_TIMEOUT_S  # seconds per graded sample; a timeout counts as wrong and is reported
     grading_deadline: float = 600.0  # seconds for grading one batch of samples
 
     def __post_init__(self) -> None:
@@ -114,20 +115,25 @@ def evaluate(model: Decoder, tokenizer: Any, output_dir: str | os.PathLike, conf
     return summaries
 
 
+def _unchanged(text: str) -> str:
+    return text
+
+
 def _grades(spec: BenchmarkSpec, problems: Sequence[Problem], group: Sequence[tuple[tuple[int, int], Any]],
-            pool: GradingPool | None, config: EvalConfig) -> list[dict[str, Any]]:
-    """Each sample's grading fields: extracted answer, gold, correct, timed out (+ IFEval's verdicts)."""
+            pool: GradingPool | None, config: EvalConfig, answer_text: Callable[[str], str]) -> list[dict[str, Any]]:
+    """Each sample's grading fields: extracted answer, gold, correct, timed out (+ IFEval's verdicts), graded on
+    `answer_text(completion)` (a gpt-oss reply's final channel)."""
     if spec.kind == "ifeval":
         # The checks are regexes and counts bounded in time (linear on any text): no worker process needed.
         out = []
         for (i, _), c in group:
-            verdict = judge(strip_thinking(c.text), problems[i].instructions)
+            verdict = judge(strip_thinking(answer_text(c.text)), problems[i].instructions)
             out.append({"extracted_answer": None, "gold": None, "correct": all(verdict.strict), "timed_out": False,
                         "instruction_ids": [ins.id for ins in problems[i].instructions],
                         "followed_strict": list(verdict.strict), "followed_loose": list(verdict.loose)})
         return out
     assert pool is not None
-    grades = pool.grade([(spec.kind, c.text, problems[i].answer) for (i, _), c in group],
+    grades = pool.grade([(spec.kind, answer_text(c.text), problems[i].answer) for (i, _), c in group],
                         deadline=config.grading_deadline)
     return [{"extracted_answer": g.extracted, "gold": problems[i].answer, "correct": g.correct,
              "timed_out": g.timed_out} for ((i, _), _), g in zip(group, grades)]
@@ -152,13 +158,15 @@ def _evaluate_one(model: Decoder, tokenizer: Any, spec: BenchmarkSpec, config: E
                            rule=rule, max_new_tokens=config.max_new_tokens, stop_tokens=stops, seed=config.seed,
                            config=GenerationConfig(num_slots=config.batch_size))
     group: list[tuple[tuple[int, int], Any]] = []
+    # gpt-oss answers in harmony channels: only the final channel is graded, as `</think>` is stripped for Qwen3.
+    answer_text = final_text if is_harmony_tokenizer(tokenizer) else _unchanged
     for n, (index, row) in enumerate(stream, 1):
         group.append((todo[index], completion(row.tokens, None, row.hit_stop, tokenizer)))
         if len(group) == config.batch_size or n == len(todo):
             records = ({"benchmark": spec.name, "problem_id": problems[i].id, "sample_index": j,
                         "prompt": prompts[i][0], "completion": c.text, "finish_reason": c.finish_reason,
                         "num_tokens": len(c.token_ids), **grade}
-                       for ((i, j), c), grade in zip(group, _grades(spec, problems, group, pool, config)))
+                       for ((i, j), c), grade in zip(group, _grades(spec, problems, group, pool, config, answer_text)))
             for _ in append_records(path, records):
                 bar.update(1)
             group = []

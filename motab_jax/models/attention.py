@@ -24,9 +24,10 @@ Masks are built from positions, never materialised per layer by callers: a query
 key at index j when j <= i (causal, by index in the buffer) and both carry the same segment id.
 
 `AttentionExtras` carries what gpt-oss adds: a learned per-head sink logit in every softmax (dropped after
-it, so rows sum to less than 1) and a per-layer sliding window (key j visible iff i - window < j). Both are
-computed exactly by "xla", which every call with extras runs (the fused kernels here take neither a
-dynamic window nor sinks in jax 0.10.2).
+it, so rows sum to less than 1) and a per-layer sliding window (key j visible iff i - window < j). "splash"
+takes both (its `sinks` argument; a local mask, the window-or-full choice per layer made by `lax.cond`); the
+other calls with extras run "xla" (cuDNN, the Triton kernel and `jax.nn.dot_product_attention` take no sinks
+in jax 0.10.2).
 """
 
 from __future__ import annotations
@@ -71,13 +72,15 @@ class AttentionMask:
         return mask[:, None]
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["sinks", "window"], meta_fields=[])
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["sinks", "window"], meta_fields=["window_size"])
 @dataclasses.dataclass(frozen=True)
 class AttentionExtras:
     """Per-layer attention options beyond causal masking (gpt-oss); None = absent."""
 
     sinks: jax.Array | None = None  # [H]: a logit per head that joins every softmax and is then dropped
     window: jax.Array | None = None  # int32 scalar: keys at positions > query position - window; 0 = full
+    # The one nonzero window of the model's layers, for kernels that need it static (0: none, or several).
+    window_size: int = 0
 
     @property
     def any(self) -> bool:
@@ -122,33 +125,46 @@ SPLASH_BLOCK = 128
 
 
 @functools.lru_cache(maxsize=None)
-def _splash_kernel(length: int, group: int, interpret: bool):
+def _splash_kernel(length: int, group: int, interpret: bool, window: int = 0):
     from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
-    causal = splash.MultiHeadMask([splash.CausalMask((length, length)) for _ in range(group)])
+    # A window w: keys q - (w - 1) .. q, which the local mask's (left, right) = (w - 1, 0) says exactly.
+    one = (splash.LocalMask((length, length), (window - 1, 0), 0) if window else
+           splash.CausalMask((length, length)))
     block = min(SPLASH_BLOCK, length)
     sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
                               block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
-    return splash.make_splash_mqa_single_device(causal, block_sizes=sizes, interpret=interpret)
+    # Concrete mask tables even when first built inside a trace: the kernel is cached across traces.
+    with jax.ensure_compile_time_eval():
+        return splash.make_splash_mqa_single_device(splash.MultiHeadMask([one] * group), block_sizes=sizes,
+                                                    interpret=interpret)
 
 
 def _splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array | None,
-                      scale: float) -> jax.Array:
+                      scale: float, extras: AttentionExtras = NO_EXTRAS) -> jax.Array:
     from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
     b, t, h, d = q.shape
     kv_heads = k.shape[2]
     group = h // kv_heads
-    kernel = _splash_kernel(t, group, jax.default_backend() != "tpu")
+    interpret = jax.default_backend() != "tpu"
     # GQA as one multi-query kernel per KV head: [B, K, G, T, D] queries against [B, K, T, D] keys.
     q = (q * scale).reshape(b, t, kv_heads, group, d).transpose(0, 2, 3, 1, 4)
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-    if segments is None:
-        per_head = jax.vmap(lambda qh, kh, vh: kernel(qh, kh, vh))
-        out = jax.vmap(per_head)(q, k, v)
-    else:
-        per_head = jax.vmap(lambda qh, kh, vh, seg: kernel(qh, kh, vh, segment_ids=seg), in_axes=(0, 0, 0, None))
-        out = jax.vmap(per_head)(q, k, v, splash.SegmentIds(q=segments, kv=segments))
+    sinks = None if extras.sinks is None else extras.sinks.astype(jnp.float32).reshape(kv_heads, group)
+    seg = None if segments is None else splash.SegmentIds(q=segments, kv=segments)
+
+    def run(kernel):
+        per_head = jax.vmap(lambda qh, kh, vh, sh, s: kernel(qh, kh, vh, segment_ids=s, sinks=sh),
+                            in_axes=(0, 0, 0, None if sinks is None else 0, None))
+        return jax.vmap(per_head, in_axes=(0, 0, 0, None, None if seg is None else 0))(q, k, v, sinks, seg)
+
+    full = _splash_kernel(t, group, interpret)
+    if extras.window is None:
+        out = run(full)
+    else:  # the layer's window is scanned data: both kernels compiled, the layer's one run
+        windowed = _splash_kernel(t, group, interpret, extras.window_size)
+        out = jax.lax.cond(extras.window > 0, lambda: run(windowed), lambda: run(full))
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d).astype(q.dtype)
 
 
@@ -232,6 +248,10 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: AttentionMask, imp
     """q [B, T, H, D], k/v [B, S, K, D] with K dividing H -> [B, T, H, D]."""
     scale = q.shape[-1] ** -0.5
     if extras.any:
+        splash_ok = extras.window is None or extras.window_size > 0
+        if splash_ok and resolve_impl(impl, self_attention=mask.self_attention, segmented=mask.q_segment is not None,
+                                      length=q.shape[1], head_dim=q.shape[-1], dtype=q.dtype) == "splash":
+            return _splash_attention(q, k, v, mask.q_segment, scale, extras)
         dense = mask.dense() & window_allows(mask.q_index[:, None, :, None], mask.kv_index[:, None, None, :],
                                              extras.window)
         return _xla_attention(q, k, v, dense, scale, extras.sinks)

@@ -352,7 +352,8 @@ def decoder_layer(cfg: ModelConfig, p: dict[str, jax.Array], x: jax.Array, cos: 
         q = rms_norm(q, p["q_norm"], cfg.rms_norm_eps)
         k = rms_norm(k, p["k_norm"], cfg.rms_norm_eps)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    extras = AttentionExtras(p.get("sinks"), window) if cfg.attention_sinks or window is not None else NO_EXTRAS
+    extras = (AttentionExtras(p.get("sinks"), window, _window_size(cfg)) if cfg.attention_sinks or window is not None
+              else NO_EXTRAS)
     if attend is None:
         out = attention(q, k, v, mask, cfg.attention_impl, extras)
     else:
@@ -371,6 +372,12 @@ def decoder_layer(cfg: ModelConfig, p: dict[str, jax.Array], x: jax.Array, cos: 
     if cfg.mlp_bias:
         x = x + p["b_down"]
     return x, kv
+
+
+def _window_size(cfg: ModelConfig) -> int:
+    """The model's one sliding window (0 when it has none, or several sizes)."""
+    sizes = {w for w in cfg.layer_windows if w}
+    return sizes.pop() if len(sizes) == 1 else 0
 
 
 def abstract_decoder(config: ModelConfig) -> Decoder:
