@@ -270,8 +270,8 @@ def test_harmony_prompts_equal_openai_harmony(harmony, reasoning, date, instruct
     from motab_jax.text.o200k import o200k_harmony_tokenizer
 
     oh, encoding = harmony
-    system = oh.SystemContent.new().with_reasoning_effort(
-        {"low": oh.ReasoningEffort.LOW, "medium": oh.ReasoningEffort.MEDIUM, "high": oh.ReasoningEffort.HIGH}[reasoning])
+    effort = {"low": oh.ReasoningEffort.LOW, "medium": oh.ReasoningEffort.MEDIUM, "high": oh.ReasoningEffort.HIGH}
+    system = oh.SystemContent.new().with_reasoning_effort(effort[reasoning])
     if date:
         system = system.with_conversation_start_date(date)
     theirs = [oh.Message.from_role_and_content(oh.Role.SYSTEM, system)]
@@ -286,7 +286,8 @@ def test_harmony_prompts_equal_openai_harmony(harmony, reasoning, date, instruct
     want = encoding.render_conversation_for_completion(oh.Conversation.from_messages(theirs), oh.Role.ASSISTANT)
     tok = o200k_harmony_tokenizer()
     kwargs = {"date_string": date} if date else {}
-    got = tok.apply_chat_template(ours, add_generation_prompt=True, tokenize=False, reasoning_effort=reasoning, **kwargs)
+    got = tok.apply_chat_template(ours, add_generation_prompt=True, tokenize=False, reasoning_effort=reasoning,
+                                  **kwargs)
     assert tok(got, add_special_tokens=False)["input_ids"] == list(want)
     assert set(encoding.stop_tokens_for_assistant_actions()) <= set(HARMONY_STOP_TOKENS)
 
@@ -380,3 +381,42 @@ def test_evaluation_grades_only_a_gpt_oss_replys_final_channel():
         plain = _grades(BENCHMARKS["math500"], problems, group, pool, EvalConfig(), _unchanged)
     assert [g["correct"] for g in graded] == [True, False, False]
     assert [g["correct"] for g in plain] != [True, False, False]  # the test can fail: the analysis would count
+
+
+def test_a_harmony_reply_reaches_a_student_as_plain_text():
+    from motab_jax.text.harmony import decode_reply, plain_text
+    from motab_jax.text.o200k import o200k_harmony_tokenizer
+
+    tok = o200k_harmony_tokenizer()
+    reply = "so x = 3.<|end|><|start|>assistant<|channel|>final<|message|>The answer is \\boxed{3}.<|return|>"
+    ids = tok(reply, add_special_tokens=False)["input_ids"]
+    assert decode_reply(tok, ids) == "so x = 3.\n\nThe answer is \\boxed{3}."
+    assert "assistantfinal" in tok.decode(ids, skip_special_tokens=True)  # what plain decoding would leak
+    assert plain_text("no harmony here") == "no harmony here"
+
+
+@pytest.mark.slow  # ~60 s on 2 cores: a 201,088-row vocabulary
+def test_a_gpt_oss_teacher_scores_another_vocabularys_text_in_its_analysis_channel():
+    """Cross-vocabulary synthesis with a gpt-oss teacher (o200k_harmony) and a SmolLM2-vocabulary student: the
+    teacher's prompt is the harmony chat prompt opened on the analysis channel, and it intervenes."""
+    from test_cross_vocabulary import QUESTIONS, SETTINGS, _pair
+
+    from motab_jax.text.harmony import HARMONY_ANALYSIS
+    from motab_jax.text.o200k import o200k_harmony_tokenizer
+
+    student, _, s_tok, _ = _pair()
+    t_tok = o200k_harmony_tokenizer()
+    teacher_cfg = ModelConfig(model_type="gpt_oss", vocab_size=len(t_tok), hidden_size=32, intermediate_size=32,
+                              num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, num_experts=4, experts_per_token=2,
+                              layer_windows=(WINDOW, 0), attention_sinks=True, norm_weight_float32=True, qkv_bias=True,
+                              o_bias=True, eos_token_ids=(t_tok.eos_token_id,))
+    teacher = init_random(teacher_cfg, seed=1)
+    set_param_values(teacher, {"lm_head": param_values(teacher)["lm_head"] * 30})
+    cfg = dict(SETTINGS, teacher_prompt_format="chat")
+    records = list(motab_jax.synthesize(student, teacher, s_tok, QUESTIONS[:3], cfg, progress=False,
+                                        teacher_tokenizer=t_tok))
+    assert len(records) == 3
+    for record in records:
+        assert record["teacher_prompt"].startswith("<|start|>system<|message|>")
+        assert record["teacher_prompt"].endswith("<|start|>assistant" + HARMONY_ANALYSIS)
+    assert any(record["breach_step"] for record in records)

@@ -196,7 +196,8 @@ class ModelConfig:
     def _params(self, experts: int) -> int:
         d, h, k, hd = self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim
         per_layer = d * (h + 2 * k) * hd + h * hd * d + 2 * d
-        per_layer += (h + 2 * k) * hd * self.qkv_bias + d * self.o_bias + 2 * hd * self.qk_norm + h * self.attention_sinks
+        per_layer += (h + 2 * k) * hd * self.qkv_bias + d * self.o_bias + 2 * hd * self.qk_norm
+        per_layer += h * self.attention_sinks
         per_layer += experts * self._expert_params() + (d + 1) * self.num_experts
         head = 0 if self.tie_word_embeddings else d * self.vocab_size
         return self.num_layers * per_layer + self.vocab_size * d + head + d

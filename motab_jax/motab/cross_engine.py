@@ -41,6 +41,7 @@ from motab_jax.motab.state import FINISH_EOS, FINISH_LENGTH, FINISH_MAX_STEPS, F
 from motab_jax.motab.transition import EngineTables, root_cause
 from motab_jax.sampling.sampler import bucket
 from motab_jax.text import special_token_mask, token_bytes_table
+from motab_jax.text.harmony import decode_reply
 from motab_jax.text.incremental import EncoderStats, IncrementalEncoder
 
 log = logging.getLogger("motab_jax")
@@ -419,7 +420,7 @@ def _teach(spec: EngineSpec, sides: dict[str, _Side], slots: list[_Trajectory | 
 def _hand_back(sides: dict[str, _Side], traj: _Trajectory) -> None:
     """One-step policies: the teacher's step joins the context text and the student continues from it."""
     teacher_tok, student_tok = sides["teacher"].tokenizer, sides["student"].tokenizer
-    text = teacher_tok.decode(traj.step_ids, skip_special_tokens=True)
+    text = decode_reply(teacher_tok, traj.step_ids)
     student_ids = list(student_tok(text, add_special_tokens=False)["input_ids"])
     traj.steps.append(StepRecord("teacher", student_ids, traj.step_chars, float("nan"), 0.0, 0.0,
                                  teacher_ids=list(traj.step_ids)))

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from motab_jax.motab.policies import Policy
 from motab_jax.motab.state import FINISH_NAMES
+from motab_jax.text.harmony import decode_reply
 
 if TYPE_CHECKING:
     from motab_jax.motab.cross_engine import _Trajectory
@@ -43,7 +44,7 @@ def _record_steps(traj: _Trajectory, policy: Policy) -> list[StepRecord]:
 
 
 def _text(tokenizer: Any, ids: list[int]) -> str:
-    return tokenizer.decode(ids, skip_special_tokens=True)
+    return decode_reply(tokenizer, ids)
 
 
 def build_cross_record(traj: _Trajectory, student_tokenizer: Any, teacher_tokenizer: Any, *, policy: Policy,

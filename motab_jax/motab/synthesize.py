@@ -35,6 +35,7 @@ from motab_jax.sampling.rules import make_rule
 from motab_jax.sampling.sampler import bucket
 from motab_jax.text import VocabularyMismatchError, check_shared_vocabulary, token_bytes_table
 from motab_jax.text.incremental import EncoderStats
+from motab_jax.text.harmony import HARMONY_ANALYSIS, is_harmony_tokenizer
 from motab_jax.text.prompts import question_prompt
 
 log = logging.getLogger("motab_jax")
@@ -182,8 +183,12 @@ def _synthesize_cross(spec: EngineSpec, cfg: Mapping[str, Any], student: Decoder
         if items[qi].prompt_ids:
             raise ValueError(f"question {items[qi].id}: prompt_ids are in one vocabulary; a teacher with another "
                              "tokenizer needs the question as text")
+        teacher_format = cfg["teacher_prompt_format"] or cfg["prompt_format"]
         teacher_text, _ = question_prompt(teacher_tokenizer, items[qi].text, cfg["instruction"],
-                                          prompt_format=cfg["teacher_prompt_format"] or cfg["prompt_format"])
+                                          prompt_format=teacher_format)
+        if teacher_format == "chat" and is_harmony_tokenizer(teacher_tokenizer):
+            # gpt-oss reads the student's solution as its own reasoning (the analysis channel) and continues it.
+            teacher_text += HARMONY_ANALYSIS
         prompts[qi] = (text, ids, teacher_text)
     jobs = [CrossJob(n, prompts[qi][1], prompts[qi][2], qi * samples + r) for n, (qi, r) in enumerate(queue)]
     student_eos = _stop_tokens(student, tokenizer, cfg)

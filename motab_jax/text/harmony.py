@@ -32,7 +32,8 @@ def harmony_chat_template(reasoning: ReasoningLevel = DEFAULT_REASONING, date: s
         raise ValueError(f"reasoning={reasoning!r}; accepted: {REASONING_LEVELS}")
     date_default = f"'{date}'" if date else "none"
     return (
-        "{%- set effort = reasoning_effort if reasoning_effort is defined and reasoning_effort else '" + reasoning + "' -%}"
+        "{%- set effort = reasoning_effort if reasoning_effort is defined and reasoning_effort else '"
+        + reasoning + "' -%}"
         "{%- set day = date_string if date_string is defined and date_string else " + date_default + " -%}"
         "<|start|>system<|message|>" + _SYSTEM.replace("\n", "{{ '\\n' }}")
         + "{%- if day %}{{ '\\nCurrent date: ' + day }}{% endif %}"
@@ -49,6 +50,28 @@ def harmony_chat_template(reasoning: ReasoningLevel = DEFAULT_REASONING, date: s
         "{%- endfor -%}"
         "{%- if add_generation_prompt -%}<|start|>assistant{%- endif -%}"
     )
+
+
+# What follows a generation prompt when the reply starts in the analysis channel (the teacher reading the student's
+# solution as its own reasoning, in text-level synthesis).
+HARMONY_ANALYSIS = "<|channel|>analysis<|message|>"
+# A message boundary inside one reply: <|end|> then the next assistant header (channel, optional constraint).
+_BOUNDARY = re.compile(r"<\|end\|>\s*<\|start\|>assistant(?:<\|channel\|>\w+)?(?:\s*<\|constrain\|>\S*?)?<\|message\|>")
+_SPECIAL = re.compile(r"<\|[a-z_]+\|>")
+
+
+def plain_text(reply: str) -> str:
+    """A harmony reply decoded WITH its special tokens -> plain text for a student that does not speak harmony:
+    each message boundary (analysis -> final) becomes a paragraph break, other special tokens are dropped."""
+    return _SPECIAL.sub("", _BOUNDARY.sub("\n\n", reply))
+
+
+def decode_reply(tokenizer, ids: list[int]) -> str:
+    """Text of generated `ids`: special tokens dropped; for a harmony tokenizer channel headers become paragraph
+    breaks (`plain_text`) instead of leaking "assistantfinal" into the text."""
+    if is_harmony_tokenizer(tokenizer):
+        return plain_text(tokenizer.decode(ids, skip_special_tokens=False))
+    return tokenizer.decode(ids, skip_special_tokens=True)
 
 
 # The final channel's header, with the special tokens kept or (decode(..., skip_special_tokens=True), what the
