@@ -168,6 +168,13 @@ def test_data_and_environment_errors_are_in_the_family(tmp_path):
     bad = _lines(tmp_path / "sft.jsonl", [{"prompt": "a", "response": "b"}, b"{oops\n"])
     with pytest.raises(InvalidRecordError, match=r"sft\.jsonl:2: malformed JSON line"):
         read_examples(bad)
+    from motab_jax.data import Example, build_sft_rows
+    from motab_jax.text import byte_level_tokenizer
+
+    too_long = [Example(id="a", prompt="x" * 50, response="y"), Example(id="b", prompt="x" * 60, response="y")]
+    with pytest.raises(MotabInputError, match=r"no training rows from 2 examples \(2 with a prompt that fills "
+                                              r"cutoff_len=16"):
+        build_sft_rows(too_long, byte_level_tokenizer(), 16, cutoff_len=16)
     assert os.environ["HF_HUB_OFFLINE"] == "1"  # tests/conftest.py
     with pytest.raises(EnvironmentProblem, match=r"'hf:owner/data': HF_HUB_OFFLINE is set"):
         read_examples("hf:owner/data")

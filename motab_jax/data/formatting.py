@@ -19,6 +19,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 
 from motab_jax.data.sources import Example
+from motab_jax.errors import MotabInputError
 
 __all__ = ["FormatStats", "TokenizedExample", "format_example", "format_examples", "render_prompt"]
 
@@ -65,14 +66,14 @@ def render_prompt(example: Example, tokenizer: Any, *, apply_chat_template: bool
     """
     if example.prompt_rendered:
         if not isinstance(example.prompt, str):
-            raise ValueError(f"{example.origin or example.id}: a rendered prompt must be text")
+            raise MotabInputError(f"{example.origin or example.id}: a rendered prompt must be text")
         return example.prompt
     if not apply_chat_template:
         if not isinstance(example.prompt, str):
-            raise ValueError(f"{example.origin or example.id}: chat messages need apply_chat_template=True")
+            raise MotabInputError(f"{example.origin or example.id}: chat messages need apply_chat_template=True")
         return example.prompt
     if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("the tokenizer has no chat template; set one, or pass apply_chat_template=False "
+        raise MotabInputError("the tokenizer has no chat template; set one, or pass apply_chat_template=False "
                          "to use text prompts as they are")
     messages = [{"role": "user", "content": example.prompt}] if isinstance(example.prompt, str) else example.prompt
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
@@ -101,7 +102,7 @@ def _format(example: Example, tokenizer: Any, mask_flawed: bool, cutoff_len: int
     """The formatted example (None: prompt too long) and its length before truncation."""
     eos = tokenizer.eos_token_id
     if eos is None:
-        raise ValueError("the tokenizer has no eos token; responses must end with one")
+        raise MotabInputError("the tokenizer has no eos token; responses must end with one")
     prompt_ids = _encode(tokenizer, render_prompt(example, tokenizer, apply_chat_template=apply_chat_template,
                                                   chat_template_kwargs=chat_template_kwargs))
     if cutoff_len is not None and len(prompt_ids) >= cutoff_len:

@@ -22,6 +22,7 @@ from typing import Sequence
 import numpy as np
 
 from motab_jax.data.formatting import TokenizedExample
+from motab_jax.errors import MotabInputError
 
 __all__ = ["PackStats", "PackedRow", "pack_examples"]
 
@@ -115,7 +116,7 @@ def pack_examples(examples: Sequence[TokenizedExample], seq_len: int, *,
     target (a single token, or only prompt after the cut) are dropped (counted): they would add no loss.
     """
     if seq_len < 2:
-        raise ValueError(f"seq_len={seq_len}: a row needs at least 2 tokens to hold one target")
+        raise MotabInputError(f"seq_len={seq_len}: a row needs at least 2 tokens to hold one target")
     stats = PackStats(num_examples=len(examples), seq_len=seq_len)
     kept: list[TokenizedExample] = []
     for ex in examples:

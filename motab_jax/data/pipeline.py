@@ -20,6 +20,7 @@ import numpy as np
 from motab_jax.data.formatting import FormatStats, format_examples
 from motab_jax.data.packing import PackedRow, PackStats, pack_examples
 from motab_jax.data.sources import Example
+from motab_jax.errors import MotabInputError
 
 __all__ = ["BATCH_KEYS", "BatchIterator", "SFTBuildStats", "SFTDataset", "build_sft_rows"]
 
@@ -31,10 +32,10 @@ class SFTDataset:
 
     def __init__(self, rows: Sequence[PackedRow]):
         if not rows:
-            raise ValueError("SFTDataset needs at least one packed row")
+            raise MotabInputError("SFTDataset needs at least one packed row")
         lengths = {r.tokens.shape[0] for r in rows}
         if len(lengths) != 1:
-            raise ValueError(f"packed rows have different lengths {sorted(lengths)}; pack with one seq_len")
+            raise MotabInputError(f"packed rows have different lengths {sorted(lengths)}; pack with one seq_len")
         self.arrays: dict[str, np.ndarray] = {k: np.stack([getattr(r, k) for r in rows]) for k in BATCH_KEYS}
 
     def __len__(self) -> int:
@@ -58,14 +59,14 @@ class BatchIterator:
     def __init__(self, dataset: SFTDataset, global_batch_size: int, *, seed: int, num_epochs: int | None = 1,
                  shuffle: bool = True, process_index: int = 0, process_count: int = 1):
         if global_batch_size < 1 or global_batch_size % process_count:
-            raise ValueError(f"global_batch_size={global_batch_size} must be a positive multiple of "
+            raise MotabInputError(f"global_batch_size={global_batch_size} must be a positive multiple of "
                              f"process_count={process_count}")
         if not 0 <= process_index < process_count:
-            raise ValueError(f"process_index={process_index} not in [0, {process_count})")
+            raise MotabInputError(f"process_index={process_index} not in [0, {process_count})")
         if seed < 0:
-            raise ValueError(f"seed={seed} must be >= 0 (it seeds numpy's Generator)")
+            raise MotabInputError(f"seed={seed} must be >= 0 (it seeds numpy's Generator)")
         if len(dataset) < global_batch_size:
-            raise ValueError(f"{len(dataset)} packed rows < global_batch_size={global_batch_size}: not one "
+            raise MotabInputError(f"{len(dataset)} packed rows < global_batch_size={global_batch_size}: not one "
                              "full batch; lower the batch size or add data")
         self.dataset = dataset
         self.global_batch_size = global_batch_size
@@ -121,11 +122,11 @@ class BatchIterator:
         mine = self.state()
         for key in ("seed", "shuffle", "global_batch_size", "num_rows"):
             if key in state and state[key] != mine[key]:
-                raise ValueError(f"iterator state has {key}={state[key]!r} but this iterator has {mine[key]!r}; "
+                raise MotabInputError(f"iterator state has {key}={state[key]!r} but this iterator has {mine[key]!r}; "
                                  "the restored batch order would differ")
         epoch, step = int(state["epoch"]), int(state["step"])
         if epoch < 0 or not 0 <= step < self.steps_per_epoch:
-            raise ValueError(f"iterator state epoch={epoch}, step={step} out of range "
+            raise MotabInputError(f"iterator state epoch={epoch}, step={step} out of range "
                              f"(steps_per_epoch={self.steps_per_epoch})")
         self.epoch, self.step = epoch, step
 
@@ -145,11 +146,17 @@ def build_sft_rows(examples: Sequence[Example], tokenizer: Any, seq_len: int, *,
                    mask_flawed_student_segment: bool = False, cutoff_len: int | None = None,
                    apply_chat_template: bool = True, chat_template_kwargs: Mapping[str, Any] | None = None
                    ) -> tuple[list[PackedRow], SFTBuildStats]:
-    """Format `examples` with `tokenizer` (see `format_examples`) and pack them into rows of `seq_len`."""
+    """Format `examples` with `tokenizer` (see `format_examples`) and pack them into rows of `seq_len`; no row at
+    all (no example, or every one dropped) is a `MotabInputError` saying why."""
     tokenized, format_stats = format_examples(examples, tokenizer,
                                               mask_flawed_student_segment=mask_flawed_student_segment,
                                               cutoff_len=cutoff_len, apply_chat_template=apply_chat_template,
                                               chat_template_kwargs=chat_template_kwargs)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     rows, pack_stats = pack_examples(tokenized, seq_len, pad_id=pad_id)
+    if not rows:
+        raise MotabInputError(f"no training rows from {len(examples)} examples ({format_stats.dropped_long_prompt} "
+                              f"with a prompt that fills cutoff_len={cutoff_len}, {pack_stats.dropped_no_target} with "
+                              f"no response token left in seq_len={seq_len}): give examples, or raise seq_len / "
+                              "cutoff_len")
     return rows, SFTBuildStats(format=format_stats, pack=pack_stats)
