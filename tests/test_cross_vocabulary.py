@@ -186,3 +186,18 @@ def test_the_teachers_continuation_follows_its_distribution():
     counts = np.bincount(first, minlength=probs.size).astype(np.float64)
     assert len(records) == 400 and len(set(first.tolist())) > 5
     assert _chi_square_pvalue(counts, probs) > 1e-3
+
+
+def test_text_level_synthesis_runs_the_slots_whose_full_caches_fit():
+    """This path gives each slot pages for its whole capacity, so the memory left by the weights caps the slots."""
+    from motab_jax.motab.cross_engine import _slots_that_fit
+    from motab_jax.motab.pool import GIB, weight_bytes
+
+    student, teacher, _, _ = _pair()
+    weights = weight_bytes(student, teacher) / GIB
+    fits = {gb: _slots_that_fit(64, student, teacher, 48, 120, 16, {"memory_budget_gb": gb})
+            for gb in (weights + 1e-4, weights + 1e-3, weights + 10)}  # the tiny pair: ~44 KB per slot
+    assert fits[weights + 10] == 64  # plenty: what was asked for
+    assert 1 <= fits[weights + 1e-4] < fits[weights + 1e-3] < 64
+    with pytest.raises(MemoryError, match="KV pages per slot"):
+        _slots_that_fit(64, student, teacher, 48, 120, 16, {"memory_budget_gb": weights + 1e-7})

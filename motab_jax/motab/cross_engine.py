@@ -30,13 +30,14 @@ import numpy as np
 from flax import nnx
 
 from motab_jax.models.loading import resharded
-from motab_jax.models.paged_cache import PageAllocator
+from motab_jax.models.paged_cache import PageAllocator, kv_bytes_per_token
 from motab_jax.models.sharding import SAMPLING_RULES, data_groups
 from motab_jax.models.transformer import Decoder
 from motab_jax.motab.cross_device import RUNNING, STOP_BUDGET, STOP_EOS, DecodeRows, decode, feed
 from motab_jax.motab.cross_records import StepRecord, build_cross_record
 from motab_jax.motab.driver import model_mesh
 from motab_jax.motab.engine import EngineSpec
+from motab_jax.motab.pool import GIB, WORKSPACE_FRACTION, device_memory, pages_for, weight_bytes
 from motab_jax.motab.state import FINISH_EOS, FINISH_LENGTH, FINISH_MAX_STEPS, FINISH_TEACHER_BUDGET
 from motab_jax.motab.transition import EngineTables, root_cause
 from motab_jax.sampling.sampler import bucket
@@ -164,12 +165,13 @@ def run_cross_engine(spec: EngineSpec, student: Decoder, teacher: Decoder, stude
     """Run every job; yields (job, record fields) as trajectories finish (see `cross_records`)."""
     policy = spec.policy
     student, teacher = _first_group(student), _first_group(teacher)
-    num_slots = max(1, min(int(cfg["num_slots"]), len(jobs)))
     page = int(cfg["page_size"])
     student_len = bucket(cfg["max_prompt_len"]) + spec.traj_cap + 2
     # Teacher context: its prompt plus the trajectory re-encoded (the ratio of teacher to student tokens is about
     # 1 on the paper's pairs, up to 1.4 on the worst texts), plus the teacher's own continuation.
     teacher_len = 2 * student_len + max(spec.teacher_min_budget, spec.traj_cap)
+    num_slots = _slots_that_fit(min(int(cfg["num_slots"]), len(jobs)), student, teacher, student_len, teacher_len,
+                                page, cfg)
     sides = {
         "student": _Side.build(student, student_tokenizer, num_slots, student_len, page, cfg["delimiter"],
                                student_eos, cfg["paged_impl"]),
@@ -415,6 +417,30 @@ def _teach(spec: EngineSpec, sides: dict[str, _Side], slots: list[_Trajectory | 
             traj.h_context = 0.0 if cfg["entropy_zero"] else entropy[slot][1]
             if len(traj.steps) >= spec.max_steps:
                 traj.mode, traj.finish = DONE, FINISH_MAX_STEPS
+
+
+def _slots_that_fit(wanted: int, student: Decoder, teacher: Decoder, student_len: int, teacher_len: int, page: int,
+                    cfg: Mapping[str, Any]) -> int:
+    """Slots whose caches fit what the loaded weights leave: this path still gives every slot pages for its whole
+    capacity (no admission by pages yet), so at the paper's lengths it runs fewer slots rather than run out of
+    memory. With `memory_budget_gb` set, that budget (weights included) decides."""
+    per_slot = sum(pages_for(length, page) * page * kv_bytes_per_token(m.config.num_layers, m.config.num_kv_heads,
+                                                                       m.config.head_dim, m.config.compute_dtype)
+                   for m, length in ((student, student_len), (teacher, teacher_len)))
+    if cfg.get("memory_budget_gb"):
+        free = cfg["memory_budget_gb"] * GIB - weight_bytes(student, teacher)
+        where = f"memory_budget_gb={cfg['memory_budget_gb']:g} less the weights"
+    else:
+        free, where = device_memory(free=True)
+    fit = int(free * (1 - WORKSPACE_FRACTION) // per_slot)
+    if fit < 1:
+        raise MemoryError(f"text-level synthesis needs {per_slot / GIB:.3g} GiB of KV pages per slot (student "
+                          f"{student_len} + teacher {teacher_len} positions) but {where} leaves {free / GIB:.3g} GiB; "
+                          "lower synthesis.traj_cap or max_prompt_len, or use more devices")
+    if fit < wanted:
+        log.warning("text-level synthesis: %d of the %d slots fit (%.2f GiB of KV pages per slot at full capacity, "
+                    "%.1f GiB free on %s); running %d", fit, wanted, per_slot / GIB, free / GIB, where, fit)
+    return max(1, min(wanted, fit))
 
 
 def _hand_back(sides: dict[str, _Side], traj: _Trajectory) -> None:

@@ -20,7 +20,8 @@ from motab_jax.motab.engine import EngineSpec
 from motab_jax.motab.policies import Plain
 from motab_jax.motab.pool import activation_margin, loaded_budget, plan_pool
 from motab_jax.motab.state import FINISH_EOS
-from motab_jax.motab.synthesize import kv_token_bytes, weight_bytes
+from motab_jax.motab.pool import weight_bytes
+from motab_jax.motab.synthesize import kv_token_bytes
 from motab_jax.motab.transition import EngineTables
 from motab_jax.sampling.rules import Rule
 from motab_jax.sampling.sampler import checked_prompt_width

@@ -57,6 +57,13 @@ def device_memory(free: bool = False) -> tuple[float, str]:
     return HOST_FRACTION * total, f"a quarter of the host RAM ({total / GIB:.1f} GiB)"
 
 
+def weight_bytes(*models) -> float:
+    """Bytes of the models' parameters (Decoders) as they are stored."""
+    from flax import nnx
+
+    return float(sum(x.size * x.dtype.itemsize for m in models for x in jax.tree.leaves(nnx.state(m, nnx.Param))))
+
+
 def loaded_budget(weight_bytes: float, groups: int = 1) -> tuple[float, str]:
     """The memory a job whose weights (`weight_bytes` per copy, `groups` copies) are already on the devices may
     size its pools from: what is free now plus those weights (which `plan_pool` then takes off again); on CPU as

@@ -12,8 +12,6 @@ import dataclasses
 import logging
 from typing import Any, Iterator, Mapping, Sequence
 
-import jax
-from flax import nnx
 from tqdm.auto import tqdm
 
 from motab_jax.data.questions import checked_questions
@@ -27,15 +25,15 @@ from motab_jax.motab.cross_engine import CrossJob, run_cross_engine
 from motab_jax.motab.driver import EngineStats, Job, engine_groups, run_engine
 from motab_jax.motab.engine import EngineSpec
 from motab_jax.motab.policies import Policy, make_policy
-from motab_jax.motab.pool import PoolPlan, activation_margin, loaded_budget, plan_pool
+from motab_jax.motab.pool import PoolPlan, activation_margin, loaded_budget, plan_pool, weight_bytes
 from motab_jax.motab.records import build_record, read_done
 from motab_jax.motab.transition import EngineTables
 from motab_jax.sampling.generate import default_stop_tokens
 from motab_jax.sampling.rules import make_rule
 from motab_jax.sampling.sampler import bucket
 from motab_jax.text import VocabularyMismatchError, check_shared_vocabulary, token_bytes_table
-from motab_jax.text.incremental import EncoderStats
 from motab_jax.text.harmony import HARMONY_ANALYSIS, is_harmony_tokenizer
+from motab_jax.text.incremental import EncoderStats
 from motab_jax.text.prompts import question_prompt
 
 log = logging.getLogger("motab_jax")
@@ -86,11 +84,6 @@ def synthesis_pool(cfg: Mapping[str, Any], student: ModelConfig, teacher: ModelC
                      max_prompt_len=cfg["max_prompt_len"], token_bytes=kv_token_bytes(models),
                      num_pages=cfg["num_pages"], memory_budget_gb=cfg["memory_budget_gb"], weight_bytes=weight_bytes,
                      margin_bytes=margin, device_bytes=device_bytes, groups=groups)
-
-
-def weight_bytes(*models: Decoder) -> float:
-    """Bytes of the models' parameters as they are stored."""
-    return float(sum(x.size * x.dtype.itemsize for m in models for x in jax.tree.leaves(nnx.state(m, nnx.Param))))
 
 
 def _encode(tokenizer: Any, question: Question, cfg: Mapping[str, Any]) -> tuple[str, list[int]]:
