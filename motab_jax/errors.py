@@ -20,6 +20,10 @@ class EnvironmentProblem(MotabInputError):
     """The machine, not the input: a full or read-only disk, an unreachable hub, a held run-directory lock."""
 
 
+class Unreachable(EnvironmentProblem, ConnectionError):
+    """A network source (the Hugging Face hub) that cannot be reached (also a `ConnectionError`)."""
+
+
 class MissingInputError(MotabInputError, FileNotFoundError):
     """A file, folder, model or data set that is not there (also a `FileNotFoundError`, for callers that catch
     that)."""

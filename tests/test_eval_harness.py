@@ -11,6 +11,7 @@ import pytest
 
 import motab_jax
 from fixtures.make_golden import GOLDEN_DIR
+from motab_jax.errors import EnvironmentProblem, MotabInputError
 from motab_jax.eval import BENCHMARKS, EvalConfig, evaluate, load_problems, resolve
 
 FIVE = [{"id": f"p{i}", "problem": f"What is {i} + {i}?", "answer": str(2 * i)} for i in range(5)]
@@ -96,9 +97,9 @@ def test_bad_inputs(tmp_path):
         resolve("mmlu")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"problem": "x", "answer": "1"}\n{"problem": "y"}\n')
-    with pytest.raises(KeyError, match=r"bad.jsonl:2: missing field\(s\) \['answer'\]"):
+    with pytest.raises(MotabInputError, match=r"bad.jsonl:2: missing field\(s\) \['answer'\]"):
         load_problems(resolve(str(bad)))
-    with pytest.raises(RuntimeError, match="HF_HUB_OFFLINE=1"):
+    with pytest.raises(EnvironmentProblem, match="HF_HUB_OFFLINE=1"):
         load_problems(BENCHMARKS["gpqa_diamond"])
     model, tok = motab_jax.load(GOLDEN_DIR / "llama_tied", dtype="float32")
     with pytest.raises(ValueError, match="lower max_new_tokens"):

@@ -11,6 +11,7 @@ import pytest
 
 import motab_jax
 from fixtures.make_golden import GOLDEN_DIR
+from motab_jax.errors import CheckpointError
 from motab_jax.models.config import UnsupportedModelError, config_from_hf
 from motab_jax.models.safetensors_io import SafetensorsFile, save_safetensors
 
@@ -59,7 +60,7 @@ def test_missing_tensor_is_named(checkpoint):
     kept = {name: np.array(file.get(name)) for name in file.keys() if name != "model.layers.1.mlp.up_proj.weight"}
     del file
     save_safetensors(checkpoint / "model.safetensors", kept)
-    with pytest.raises(KeyError, match=r"model\.layers\.1\.mlp\.up_proj\.weight"):
+    with pytest.raises(CheckpointError, match=r"model\.layers\.1\.mlp\.up_proj\.weight"):
         motab_jax.load(checkpoint)
 
 

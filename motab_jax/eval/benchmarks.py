@@ -8,13 +8,14 @@ answer column, or by a path to a local JSONL file with `problem` and `answer` fi
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import random
 from pathlib import Path
 from typing import Literal
 
+from motab_jax.errors import EnvironmentProblem, MissingInputError, MotabInputError
 from motab_jax.eval.ifeval import Instruction, read_prompts
+from motab_jax.jsonl import iter_jsonl
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -71,20 +72,14 @@ def resolve(name: str, samples: int | None = None) -> BenchmarkSpec:
 def read_jsonl_problems(path: str | os.PathLike) -> list[Problem]:
     """Problems from a JSONL file; a malformed line or a missing field fails naming file and line."""
     problems = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{number}: not valid JSON ({e.msg})") from e
-            missing = [k for k in ("problem", "answer") if k not in row]
-            if missing:
-                raise KeyError(f"{path}:{number}: missing field(s) {missing} (fields: {sorted(row)})")
-            problems.append(Problem(str(row.get("id", number - 1)), str(row["problem"]), str(row["answer"])))
+    for number, (row, where) in enumerate(iter_jsonl(path)):
+        missing = [k for k in ("problem", "answer") if not isinstance(row, dict) or k not in row]
+        if missing:
+            fields = sorted(row) if isinstance(row, dict) else type(row).__name__
+            raise MotabInputError(f"{where}: missing field(s) {missing} (fields: {fields})")
+        problems.append(Problem(str(row.get("id", number)), str(row["problem"]), str(row["answer"])))
     if not problems:
-        raise ValueError(f"{path}: no problems")
+        raise MotabInputError(f"{path}: no problems")
     return problems
 
 
@@ -109,23 +104,23 @@ def _hub(reference: str, seed: int) -> list[Problem]:
     dataset_id, _, split = reference.partition("@")
     dataset_id, _, config = dataset_id.partition(":")
     if is_hub_offline():
-        raise RuntimeError(f"benchmark {dataset_id} is only available from the Hugging Face hub, and "
+        raise EnvironmentProblem(f"benchmark {dataset_id} is only available from the Hugging Face hub, and "
                            "HF_HUB_OFFLINE=1; run where the hub is reachable (it is never bundled in plain text)")
     try:
         import datasets
     except ImportError as e:
-        raise RuntimeError(f"benchmark {dataset_id} comes from the Hugging Face hub: pip install datasets") from e
+        raise MotabInputError(f"benchmark {dataset_id} comes from the Hugging Face hub: pip install datasets") from e
     try:
         rows = list(datasets.load_dataset(dataset_id, config or None, split=split or "test"))
     except Exception as e:  # noqa: BLE001 - network, auth (GPQA is gated) or a missing split
-        raise RuntimeError(f"could not load {dataset_id} from the hub ({e}); GPQA is gated: accept its terms "
+        raise EnvironmentProblem(f"could not load {dataset_id} from the hub ({e}); GPQA is gated: accept its terms "
                            "on the hub and log in with `huggingface-cli login`") from e
     if dataset_id.endswith("gpqa"):
         return _gpqa(rows, seed)
     problem_key = next((k for k in ("problem", "question", "Question") if rows and k in rows[0]), None)
     answer_key = next((k for k in ("answer", "Answer", "final_answer") if rows and k in rows[0]), None)
     if problem_key is None or answer_key is None:
-        raise KeyError(f"{dataset_id}: no problem/answer columns (columns: {sorted(rows[0]) if rows else []})")
+        raise MotabInputError(f"{dataset_id}: no problem/answer columns (columns: {sorted(rows[0]) if rows else []})")
     return [Problem(str(r.get("id", n)), str(r[problem_key]), str(r[answer_key])) for n, r in enumerate(rows)]
 
 
@@ -139,7 +134,7 @@ def load_problems(spec: BenchmarkSpec, *, limit: int | None = None, seed: int = 
         problems = _hub(spec.source.removeprefix("hub:"), seed)
     else:
         if not Path(spec.source).exists():
-            raise FileNotFoundError(f"benchmark file {spec.source} does not exist")
+            raise MissingInputError(f"benchmark file {spec.source} does not exist")
         problems = read_jsonl_problems(spec.source)
     ids = [p.id for p in problems]
     if len(set(ids)) != len(ids):

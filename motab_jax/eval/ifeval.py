@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import json
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from motab_jax.errors import MotabInputError
 from motab_jax.eval.ifeval_checks import CHECKS, RELATIONS
+from motab_jax.jsonl import iter_jsonl
 
 METRICS = ("prompt_level_strict", "instruction_level_strict", "prompt_level_loose", "instruction_level_loose")
 
@@ -63,32 +64,27 @@ def read_prompts(path: str | os.PathLike) -> list[IFEvalPrompt]:
     `kwargs` (one dict per instruction; None-valued entries, as in the hub copy, are dropped). A malformed
     line, an unknown instruction or arguments that do not fit it fail naming the file and line."""
     prompts = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg})") from e
-            missing = [k for k in ("key", "prompt", "instruction_id_list", "kwargs") if k not in row]
-            if missing:
-                raise KeyError(f"{where}: missing field(s) {missing} (fields: {sorted(row)})")
-            ids, all_kwargs = row["instruction_id_list"], row["kwargs"]
-            if len(ids) != len(all_kwargs):
-                raise ValueError(f"{where}: {len(ids)} instructions but {len(all_kwargs)} kwargs entries")
-            instructions = []
-            for instruction_id, kwargs in zip(ids, all_kwargs):
-                if instruction_id not in CHECKS:
-                    raise ValueError(f"{where}: unknown instruction {instruction_id!r}; known: {sorted(CHECKS)}")
-                kwargs = {k: v for k, v in (kwargs or {}).items() if v is not None}
-                if problem := _check_kwargs(instruction_id, kwargs):
-                    raise ValueError(f"{where}: {problem}")
-                instructions.append(Instruction(instruction_id, kwargs))
-            prompts.append(IFEvalPrompt(str(row["key"]), str(row["prompt"]), tuple(instructions)))
+    # One JSONL reader for the project (splits on "\n" only), naming file and line.
+    for row, where in iter_jsonl(path):
+        missing = [k for k in ("key", "prompt", "instruction_id_list", "kwargs")
+                   if not isinstance(row, dict) or k not in row]
+        if missing:
+            fields = sorted(row) if isinstance(row, dict) else type(row).__name__
+            raise MotabInputError(f"{where}: missing field(s) {missing} (fields: {fields})")
+        ids, all_kwargs = row["instruction_id_list"], row["kwargs"]
+        if len(ids) != len(all_kwargs):
+            raise MotabInputError(f"{where}: {len(ids)} instructions but {len(all_kwargs)} kwargs entries")
+        instructions = []
+        for instruction_id, kwargs in zip(ids, all_kwargs):
+            if instruction_id not in CHECKS:
+                raise MotabInputError(f"{where}: unknown instruction {instruction_id!r}; known: {sorted(CHECKS)}")
+            kwargs = {k: v for k, v in (kwargs or {}).items() if v is not None}
+            if problem := _check_kwargs(instruction_id, kwargs):
+                raise MotabInputError(f"{where}: {problem}")
+            instructions.append(Instruction(instruction_id, kwargs))
+        prompts.append(IFEvalPrompt(str(row["key"]), str(row["prompt"]), tuple(instructions)))
     if not prompts:
-        raise ValueError(f"{path}: no prompts")
+        raise MotabInputError(f"{path}: no prompts")
     return prompts
 
 

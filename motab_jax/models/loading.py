@@ -7,7 +7,6 @@ twice and a process only reads what its devices own.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
@@ -20,6 +19,8 @@ from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
 from tqdm.auto import tqdm
 
+from motab_jax.errors import CheckpointError, MissingInputError, MotabInputError, Unreachable
+from motab_jax.jsonl import read_json
 from motab_jax.models.config import DTYPES, ModelConfig, config_from_hf
 from motab_jax.models.hf_mapping import hf_keys, layer_shape
 from motab_jax.models.mxfp4 import Mxfp4Tensors, is_mxfp4
@@ -58,10 +59,10 @@ class SafetensorsFolder:
         index = folder / "model.safetensors.index.json"
         single = folder / "model.safetensors"
         if index.exists():
-            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+            weight_map: dict[str, str] = read_json(index)["weight_map"]
             missing = sorted({f for f in weight_map.values() if not (folder / f).exists()})
             if missing:
-                raise FileNotFoundError(f"{index} lists shard files that are missing: {missing}; "
+                raise MissingInputError(f"{index} lists shard files that are missing: {missing}; "
                                         "re-download the checkpoint")
             files = {f: SafetensorsFile(folder / f) for f in sorted(set(weight_map.values()))}
             self._where = {name: files[f] for name, f in weight_map.items()}
@@ -70,7 +71,7 @@ class SafetensorsFolder:
             self._where = {name: file for name in file.keys()}
         else:
             found = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"{folder}: no model.safetensors or model.safetensors.index.json (found {found}); "
                 "PyTorch .bin checkpoints are not read: convert them with transformers' save_pretrained("
                 "safe_serialization=True)")
@@ -154,7 +155,7 @@ def load_params(cfg: ModelConfig, source: TensorSource, mesh: Mesh | None = None
     needed = [k.hf_name.format(i=i) for k in keys for i in (range(cfg.num_layers) if k.per_layer else [None])]
     missing = [n for n in needed if n not in available]
     if missing:
-        raise KeyError(f"{where}: {len(missing)} tensors the {cfg.model_type} config needs are missing, e.g. "
+        raise CheckpointError(f"{where}: {len(missing)} tensors the {cfg.model_type} config needs are missing, e.g. "
                        f"{missing[:5]}; is the checkpoint complete and does config.json match it?")
     shardings = param_shardings(cfg, mesh, rules)
     params: dict[str, jax.Array] = {}
@@ -186,7 +187,7 @@ def load_params(cfg: ModelConfig, source: TensorSource, mesh: Mesh | None = None
             got = source.shape(name)
             want = layer_shape(cfg, key)
             if int(np.prod(got)) != int(np.prod(want)):
-                raise ValueError(f"{where}: tensor {name} has shape {tuple(got)}, but config.json implies "
+                raise CheckpointError(f"{where}: tensor {name} has shape {tuple(got)}, but config.json implies "
                                  f"{key.param} of shape {want}")
         params[key.param] = jax.make_array_from_callback(shape, sharding, read)
     return params
@@ -208,7 +209,7 @@ def resolve_checkpoint(path_or_hub_id: str | os.PathLike) -> Path:
         return path
     name = str(path_or_hub_id)
     if name.startswith((".", "/", "~")) or name.count("/") != 1:
-        raise FileNotFoundError(f"{name}: no such file or folder, and not a hub id of the form 'owner/name'")
+        raise MissingInputError(f"{name}: no such file or folder, and not a hub id of the form 'owner/name'")
     from huggingface_hub import snapshot_download
 
     try:  # a snapshot already in the local hub cache needs no network
@@ -216,7 +217,7 @@ def resolve_checkpoint(path_or_hub_id: str | os.PathLike) -> Path:
     except Exception:  # noqa: BLE001 - any failure here just means "not cached"
         pass
     if is_hub_offline():
-        raise FileNotFoundError(f"{name}: not a local folder, not in the hub cache, and HF_HUB_OFFLINE=1; "
+        raise MissingInputError(f"{name}: not a local folder, not in the hub cache, and HF_HUB_OFFLINE=1; "
                                 "download it where the hub is reachable (huggingface-cli download "
                                 f"{name}) and pass the folder, or unset HF_HUB_OFFLINE")
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
@@ -224,7 +225,7 @@ def resolve_checkpoint(path_or_hub_id: str | os.PathLike) -> Path:
     try:  # fail in seconds, not after the hub client's retry loop
         socket.create_connection((host.split(":")[0], 443), timeout=5).close()
     except OSError as e:
-        raise ConnectionError(f"{name}: the Hugging Face hub ({host}) is unreachable ({e}); pass a local "
+        raise Unreachable(f"{name}: the Hugging Face hub ({host}) is unreachable ({e}); pass a local "
                               "folder instead, or set HF_HUB_OFFLINE=1 to use only cached models") from e
     return Path(snapshot_download(name, allow_patterns=_HUB_PATTERNS))
 
@@ -255,8 +256,8 @@ def load(path_or_hub_id: str | os.PathLike, *, dtype: str = "bfloat16", mesh: Me
     elif path.is_dir():
         config_file = path / "config.json"
         if not config_file.exists():
-            raise FileNotFoundError(f"{path}: no config.json; is this a Hugging Face model folder?")
-        hf_config = json.loads(config_file.read_text())
+            raise MissingInputError(f"{path}: no config.json; is this a Hugging Face model folder?")
+        hf_config = read_json(config_file)
         source = SafetensorsFolder(path)
         if is_mxfp4(hf_config):  # gpt-oss as released: experts in MXFP4, dequantized expert by expert
             source = Mxfp4Tensors(source)
@@ -285,8 +286,8 @@ def _with_generation_eos(hf_config: dict[str, Any], folder: Path) -> dict[str, A
     if not file.exists():
         return hf_config
     try:
-        extra = json.loads(file.read_text()).get("eos_token_id")
-    except (json.JSONDecodeError, AttributeError):
+        extra = read_json(file).get("eos_token_id")
+    except (MotabInputError, AttributeError):
         log.warning("%s is not a JSON object; its eos ids are ignored", file)
         return hf_config
     own = _token_ids(hf_config.get("eos_token_id"))

@@ -16,12 +16,12 @@ and reports the first differing character: a warning for a one-vocabulary pair, 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
+from motab_jax.jsonl import read_jsonl
 from motab_jax.text import VocabularyMismatchError, check_shared_vocabulary
 from motab_jax.text.prompts import question_prompt
 
@@ -80,7 +80,7 @@ def preview_questions(config: Any, n: int = PREVIEW_QUESTIONS) -> tuple[str, lis
 
         with tempfile.TemporaryDirectory() as folder:  # the first problems do not depend on the split sizes
             path = write_demo_data(folder, train=n, held_out=0, seed=config.seed)["train"]
-            return "the demo's first problems", [json.loads(line)["problem"] for line in path.read_text().splitlines()]
+            return "the demo's first problems", [row["problem"] for row in read_jsonl(path)]
     path = Path(questions).expanduser()
     if questions and not questions.startswith(("hf:", "tfds:")) and path.is_file():
         if d.question_fields:
@@ -90,12 +90,9 @@ def preview_questions(config: Any, n: int = PREVIEW_QUESTIONS) -> tuple[str, lis
             examples, _ = read_examples(str(path), fields=fields, limit=n)  # type: ignore[arg-type]
             texts = [e.prompt if isinstance(e.prompt, str) else e.prompt[-1]["content"] for e in examples]
         else:
-            texts = []
-            with open(path, encoding="utf-8") as f:
-                for line in f:
-                    if line.strip() and len(texts) < n:
-                        row = json.loads(line)
-                        texts.append(str(row.get("problem", row.get("question", row.get("prompt", "")))))
+            from motab_jax.data.questions import read_questions
+
+            texts = [str(q.get("problem", q.get("question", q.get("prompt", "")))) for q in read_questions(path, n)]
         if texts:
             return f"the first questions of {path}", texts
     return "the probe prompt (models.probe_prompt; the questions are not read before the job)", \
