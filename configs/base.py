@@ -43,6 +43,13 @@ def get_config() -> ml_collections.ConfigDict:
     # solutions), "synthesize", "sft", "kd" (on-policy distillation), "eval". Each reads the previous stages'
     # outputs from run_dir.
     config.stages = "synthesize,sft,eval"
+    # A rerun compares each stage's recorded inputs (run_dir/stages/<stage>.inputs.json) with this config and
+    # refuses to mix settings. redo: comma-separated stages (or "all") whose outputs may be deleted and made
+    # again when their settings changed, with every later stage made from them. amend: training stages in
+    # progress (pretrain, sft, kd) that continue from their last good checkpoint with changed optimizer
+    # settings (e.g. a lower learning_rate after a NaN stop). Unchanged stages are never redone.
+    config.redo = ""
+    config.amend = ""
     # Synthesis runs (each is SFT'd on and evaluated), comma-separated: "motab", "teacher_only", "student_only",
     # "skd_step", "skd_token", "motab_no_adaptive", "motab_no_backtrack", "motab_no_stitch", each optionally with
     # synthesis fields overridden for that run: "skd_step@gamma=0.6,skd_step@gamma=0.8,motab@eps0=0.3&theta=2"

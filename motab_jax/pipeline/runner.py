@@ -1,12 +1,15 @@
 """Stage registry and the resumable runner.
 
-Each stage writes its outputs into the run directory and then a `stages/<name>.done` marker (written
-last, atomically), so a rerun of the same command skips finished stages and redoes an interrupted one
-(which itself resumes: synthesis per record, training from its last checkpoint, evaluation per sample).
+One job at a time holds a run directory (`run_lock`). Each stage records the settings it depends on when it
+starts (`stage_inputs`), writes its outputs into the run directory and then a `stages/<name>.done` marker
+(written last, atomically), so a rerun of the same command skips finished stages and redoes an interrupted one
+(which itself resumes: synthesis per record, training from its last good checkpoint, evaluation per sample),
+while a rerun with changed settings is refused (or redone on request) before anything is touched.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -18,7 +21,11 @@ from typing import Any, Callable
 import jax
 
 from motab_jax.models.sharding import MeshConfig, initialize_distributed, make_mesh
+from motab_jax.errors import EnvironmentProblem, MotabInputError, environment_problem
 from motab_jax.pipeline.models_stage import run_models_stage
+from motab_jax.pipeline.run_lock import acquire_run_dir
+from motab_jax.pipeline.stage_inputs import (UnfinishedInput, apply_plan, begin_stage, check_stages, check_unfinished,
+                                              done_path, unfinished_inputs)
 from motab_jax.pipeline.stages import (
     run_eval_stage,
     run_kd_stage,
@@ -60,6 +67,23 @@ def _enable_compilation_cache(config: Any, run_dir: Path) -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
+def _make_run_dir(run_dir: Path) -> None:
+    try:
+        (run_dir / "stages").mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        what = "is a file, not a folder" if e.errno in (errno.EEXIST, errno.ENOTDIR) else e.strerror
+        raise EnvironmentProblem(f"run_dir={str(run_dir)!r}: cannot create the run directory ({what}); give a "
+                                 "folder path on a writable disk") from e
+
+
+def _as_environment_problem(error: BaseException, stage: str, run_dir: Path) -> MotabInputError | None:
+    """A full / read-only disk met while a stage wrote into run_dir, as the one-line error run.py prints."""
+    if not isinstance(error, OSError):
+        return None
+    doing = "" if error.filename else f"stage {stage} writing into {run_dir}"
+    return environment_problem(error, doing)
+
+
 def run_pipeline(config: Any) -> dict[str, Any]:
     """Validate `config`, then run its stages; returns {stage: summary}."""
     dist = config.distributed
@@ -72,46 +96,86 @@ def run_pipeline(config: Any) -> dict[str, Any]:
     if problems:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
     run_dir = Path(config.run_dir)
-    (run_dir / "stages").mkdir(parents=True, exist_ok=True)
-    handler = _log_to_file(run_dir)
-    _enable_compilation_cache(config, run_dir)
+    _make_run_dir(run_dir)
+    # One job per run directory; the other processes of a multi-host job share process 0's.
+    lock = acquire_run_dir(run_dir) if jax.process_index() == 0 else None
     try:
-        return _run_stages(config, run_dir)
-    except Exception:
-        # The full traceback goes to run.log only: run.py shows input and environment errors as one message.
-        record = logging.LogRecord(log.name, logging.ERROR, __file__, 0, "the job stopped; rerun the same command "
-                                   "to continue from the last finished work", None, sys.exc_info())
-        handler.handle(record)
-        raise
+        handler = _log_to_file(run_dir)
+        _enable_compilation_cache(config, run_dir)
+        try:
+            return _run_stages(config, run_dir)
+        except Exception:
+            # The full traceback goes to run.log only: run.py shows input and environment errors as one message.
+            record = logging.LogRecord(log.name, logging.ERROR, __file__, 0, "the job stopped; rerun the same "
+                                       "command to continue from the last finished work", None, sys.exc_info())
+            handler.handle(record)
+            raise
+        finally:
+            log.removeHandler(handler)
+            handler.close()
     finally:
-        log.removeHandler(handler)
-        handler.close()
+        if lock is not None:
+            lock.release()
+
+
+def _sync(name: str) -> None:
+    """A barrier of all processes of a multi-host job (nothing with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
 
 
 def _run_stages(config: Any, run_dir: Path) -> dict[str, Any]:
-    (run_dir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
+    stages = stages_of(config)
+    primary = jax.process_index() == 0
+    # Before anything is written: the directory's recorded stages agree with this config (or are redone), and
+    # no stage will read unfinished outputs. Then config.json describes the data the directory holds. Every
+    # process checks; process 0 alone changes the directory, while the others wait.
+    plan = check_stages(config, run_dir, stages)
+    _sync("motab: stage inputs checked")
+    if primary:
+        apply_plan(config, run_dir, plan)
+        _write_atomically(run_dir / "config.json", config.to_json_best_effort(indent=2, sort_keys=True))
+    _sync("motab: stage inputs applied")
+    check_unfinished(config, run_dir, stages)
     mesh = make_mesh(MeshConfig(**config.mesh))
     log.info("run directory %s; mesh %s over %d %s device(s)", run_dir, dict(mesh.shape), mesh.size,
              jax.default_backend())
     job_start = time.monotonic()
     summaries: dict[str, Any] = {}
-    for stage in stages_of(config):
-        done = run_dir / "stages" / f"{stage}.done"
+    for stage in stages:
+        done = done_path(run_dir, stage)
         if done.exists():
-            log.info("stage %s: already finished, skipped (delete %s to redo it)", stage, done)
+            log.info("stage %s: already finished, skipped (redo it with --config.redo=%s after changing its "
+                     "settings)", stage, stage)
             summaries[stage] = json.loads(done.read_text())
             continue
+        missing = unfinished_inputs(config, run_dir, stage)
+        if missing:
+            raise UnfinishedInput(missing)
+        begin_stage(config, run_dir, stage, write=primary)
         start = time.monotonic()
         log.info("stage %s: started", stage)
-        summary = STAGES[stage](config, run_dir, mesh)
-        summary["seconds"] = round(time.monotonic() - start, 2)
-        tmp = done.with_suffix(".tmp")
-        tmp.write_text(json.dumps(summary, indent=2))
-        tmp.replace(done)
+        try:
+            summary = STAGES[stage](config, run_dir, mesh)
+            summary["seconds"] = round(time.monotonic() - start, 2)
+            _write_atomically(done, json.dumps(summary, indent=2))
+        except OSError as e:
+            problem = _as_environment_problem(e, stage, run_dir)
+            if problem is None:
+                raise
+            raise problem from e
         log.info("stage %s: finished in %.1f s", stage, summary["seconds"])
         summaries[stage] = summary
-    recorded = {p.stem: json.loads(p.read_text()) for p in sorted((run_dir / "stages").glob("*.done"))}
-    text = final_summary({s: recorded[s] for s in STAGE_NAMES if s in recorded}, time.monotonic() - job_start)
-    (run_dir / "results.md").write_text(text + "\n")
+    recorded = {s: json.loads(done_path(run_dir, s).read_text()) for s in STAGE_NAMES if done_path(run_dir, s).exists()}
+    text = final_summary(recorded, time.monotonic() - job_start)
+    _write_atomically(run_dir / "results.md", text + "\n")
     log.info("results written to %s", run_dir / "results.md")
     return summaries

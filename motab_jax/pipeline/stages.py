@@ -7,11 +7,12 @@ directory; otherwise a random initialisation from the role's `init` fields.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import ml_collections
@@ -21,16 +22,19 @@ from jax.sharding import Mesh
 from motab_jax.data import BatchIterator, Example, SFTDataset, build_sft_rows, read_examples
 from motab_jax.eval import EvalConfig, evaluate
 from motab_jax.eval.grading import GradingPool
+from motab_jax.jsonl import read_jsonl
 from motab_jax.models.factory import build_model
 from motab_jax.models.sharding import SAMPLING_RULES
 from motab_jax.motab import synthesize
 from motab_jax.motab.synthesize import parse_questions
 from motab_jax.pipeline.demo_data import write_demo_data
-from motab_jax.pipeline.policy_runs import find_run, policy_runs
+from motab_jax.pipeline.policy_runs import PolicyRun, find_run, policy_runs
+from motab_jax.pipeline.stage_inputs import UnfinishedInput, done_path
 from motab_jax.sampling.generate import default_stop_tokens
 from motab_jax.text import VocabularyMismatchError, check_shared_vocabulary
 from motab_jax.text.prompts import question_content, question_prompt
 from motab_jax.train import OptimizerConfig, RolloutConfig, RolloutSource, StepConfig, TrainConfig, fit
+from motab_jax.train.trainer import TrainingDiverged
 
 log = logging.getLogger("motab_jax")
 
@@ -85,6 +89,16 @@ def _train_config(section: Any, max_steps: int = 0) -> TrainConfig:
                        save_every=section.save_every, keep_last=section.keep_last, max_steps=max_steps)
 
 
+@contextlib.contextmanager
+def _resume_hint(stage: str, section: str) -> Iterator[None]:
+    """A NaN stop, with how to continue in this job: a lower rate, and `amend` (the stage's settings changed)."""
+    try:
+        yield
+    except TrainingDiverged as e:
+        raise TrainingDiverged(f"{e}. To continue from there: rerun with a lower --config.{section}.learning_rate "
+                               f"and --config.amend={stage}") from e
+
+
 def _fit_sft(model, tokenizer, examples: list[Example], section: Any, out: Path, mesh: Mesh, *,
              mask_flawed: bool = False, max_steps: int = 0) -> dict[str, Any]:
     rows, stats = build_sft_rows(examples, tokenizer, section.seq_len, mask_flawed_student_segment=mask_flawed,
@@ -110,7 +124,8 @@ def run_pretrain_stage(config: Any, run_dir: Path, mesh: Mesh) -> dict[str, Any]
         model, tokenizer = build_model(config[role], mesh)
         section = ml_collections.ConfigDict(config.sft.to_dict())
         section.update(config.pretrain[role].to_dict())
-        summary[role] = _fit_sft(model, tokenizer, examples, section, run_dir / "pretrain" / role, mesh)
+        with _resume_hint("pretrain", f"pretrain.{role}"):
+            summary[role] = _fit_sft(model, tokenizer, examples, section, run_dir / "pretrain" / role, mesh)
     return summary
 
 
@@ -130,7 +145,7 @@ def run_synthesize_stage(config: Any, run_dir: Path, mesh: Mesh) -> dict[str, An
                        output_path=str(run_dir / f"synthesis_{run.stem}.jsonl"))
         section["extra_stop_tokens"] = tuple(section["extra_stop_tokens"])
         records = list(synthesize(student, teacher, tokenizer, questions, section, teacher_tokenizer=teacher_tokenizer))
-        done = [json.loads(line) for line in Path(section["output_path"]).read_text().splitlines()]
+        done = read_jsonl(section["output_path"])
         breached = [r for r in done if r["breach_step"]]
         summary[run.label] = {
             "records": len(done), "new_records": len(records),
@@ -143,16 +158,37 @@ def run_synthesize_stage(config: Any, run_dir: Path, mesh: Mesh) -> dict[str, An
     return summary
 
 
+def _finished_synthesis(run_dir: Path, run: PolicyRun) -> Path:
+    """The records of `run`, once its synthesis finished whole; otherwise what is missing, as an error."""
+    path = run_dir / f"synthesis_{run.stem}.jsonl"
+    done = done_path(run_dir, "synthesize")
+    finished = json.loads(done.read_text()) if done.exists() else {}
+    have = len(read_jsonl(path, torn_tail=True)) if path.exists() else None
+    if run.label not in finished:
+        found = f"{have} records so far" if have is not None else "it does not exist"
+        raise UnfinishedInput(f"stage sft reads {path} ({found}), but synthesis of {run.label!r} has not finished "
+                              f"({done} {'lists no such run' if done.exists() else 'is missing'}): run the "
+                              "synthesize stage first (e.g. --config.stages=synthesize,sft,eval)")
+    if have != finished[run.label]["records"]:
+        raise UnfinishedInput(f"{path} holds {have} records, but synthesis of {run.label!r} finished with "
+                              f"{finished[run.label]['records']}: the file changed after it finished; restore it, "
+                              f"or delete it and {done} to synthesize it again")
+    return path
+
+
 def run_sft_stage(config: Any, run_dir: Path, mesh: Mesh) -> dict[str, Any]:
     summary = {}
-    for run in policy_runs(config):
+    runs = policy_runs(config)
+    records = {run.label: _finished_synthesis(run_dir, run) for run in runs}  # every input, before any training
+    for run in runs:
         model, tokenizer = build_model(_spec(config, run_dir, "student"), mesh)
-        examples, _ = read_examples(run_dir / f"synthesis_{run.stem}.jsonl")
+        examples, _ = read_examples(records[run.label])
         # Records are appended as slots finish, an order that depends on scheduling and on where a killed run
         # resumed; training on a canonical order makes the fine-tuned student depend only on the records.
         examples.sort(key=lambda e: e.id)
-        summary[run.label] = _fit_sft(model, tokenizer, examples, config.sft, run_dir / f"sft_{run.stem}", mesh,
-                                   mask_flawed=config.data.mask_flawed_student_segment)
+        with _resume_hint("sft", "sft"):
+            summary[run.label] = _fit_sft(model, tokenizer, examples, config.sft, run_dir / f"sft_{run.stem}", mesh,
+                                          mask_flawed=config.data.mask_flawed_student_segment)
     return summary
 
 
@@ -178,9 +214,10 @@ def run_kd_stage(config: Any, run_dir: Path, mesh: Mesh) -> dict[str, Any]:
         max_new_tokens=k.max_new_tokens, temperature=k.temperature, top_p=k.top_p, seq_len=k.seq_len,
         epochs=k.epochs, seed=k.seed))
     params = tuple((name, float(k[name])) for name in ("beta", "alpha") if k.loss in LOSS_PARAMS.get(name, ()))
-    _, history = fit(student, source, _train_config(k), run_dir / "kd", tokenizer=tokenizer, mesh=mesh,
-                     teacher=teacher, step_config=StepConfig(loss=k.loss, loss_params=params,
-                                                             chunk_size=k.chunk_size))
+    with _resume_hint("kd", "kd"):
+        _, history = fit(student, source, _train_config(k), run_dir / "kd", tokenizer=tokenizer, mesh=mesh,
+                         teacher=teacher, step_config=StepConfig(loss=k.loss, loss_params=params,
+                                                                 chunk_size=k.chunk_size))
     losses = [h["loss"] for h in history]
     return {"steps": len(history), "first_loss": losses[0] if losses else None,
             "last_loss": losses[-1] if losses else None, "model": str(run_dir / "kd" / "hf")}
