@@ -243,3 +243,38 @@ def test_a_stage_finished_before_an_earlier_stage_ran_is_refused_and_old_directo
     assert read_record(tmp_path, "sft").covers == ["synthesize", "sft"]
     with pytest.raises(StageInputsChanged, match=r"synthesis\.eps0 0\.2 -> 0\.5"):
         runner.run_pipeline(_config(tmp_path, **{"synthesis.eps0": 0.5}))
+
+
+def test_a_full_disk_while_writing_records_is_one_clear_error_and_the_written_records_stay(tmp_path, monkeypatch):
+    """A real write failure from the kernel: RLIMIT_FSIZE makes a write past the limit fail (EFBIG), as a full disk
+    does (ENOSPC); the records go through the project's writer (motab_jax.jsonl.append_records)."""
+    import resource
+
+    from motab_jax.errors import EnvironmentProblem
+    from motab_jax.jsonl import append_records, read_records
+
+    text = "x" * 4000
+
+    def synthesize(config, run_dir, mesh):  # appends 4 KB records, resuming after the ones already written
+        path = run_dir / "synthesis_motab.jsonl"
+        have = read_records(path, ["id"])
+        for _ in append_records(path, ({"id": i, "text": text} for i in range(5) if (i,) not in have)):
+            pass
+        return {"motab": {"records": 5}}
+
+    monkeypatch.setitem(runner.STAGES, "synthesize", synthesize)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of the signal's default kill
+    resource.setrlimit(resource.RLIMIT_FSIZE, (10_000, hard))  # room for 2 records and a half
+    try:
+        with pytest.raises(EnvironmentProblem, match=r"appending a record to .*synthesis_motab.jsonl: a file would "
+                                                     r"exceed the file-size limit.*rerun the same command"):
+            runner.run_pipeline(_config(tmp_path, stages="synthesize"))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+    path = tmp_path / "synthesis_motab.jsonl"
+    assert path.stat().st_size == 10_000  # 2 whole records and the torn start of the third
+    assert sorted(read_records(path, ["id"])) == [(0,), (1,)]  # intact; the torn line is cut off
+    runner.run_pipeline(_config(tmp_path, stages="synthesize"))  # space again: the same command finishes
+    assert [json.loads(line)["id"] for line in path.read_text().splitlines()] == [0, 1, 2, 3, 4]

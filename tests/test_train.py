@@ -54,6 +54,19 @@ def _cfg(**changes) -> TrainConfig:
     return dataclasses.replace(base, **changes)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _compile_once(tmp_path_factory):
+    """Each `fit` builds a new jitted step, which JAX's in-memory cache does not share between calls; the persistent
+    cache (keyed by the compiled program) does, so fits of one configuration compile once. (When test_run.py ran
+    first in this process, the job's own cache is already in use and this changes nothing.)"""
+    saved = jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    yield
+    jax.config.update("jax_compilation_cache_dir", saved[0])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", saved[1])
+
+
 def test_tiny_model_fits_a_small_dataset(tmp_path):
     # Per target token the response "=c." has 3 symbols plus EOS; only the sum digit is uncertain given the
     # prompt, so a model that learned the format and the sums is far below the uniform ln(262) = 5.6 nats;
@@ -184,8 +197,12 @@ def _params(model) -> dict[str, np.ndarray]:
     return {k: np.asarray(v) for k, v in param_values(model).items()}
 
 
+# One configuration (one compiled program) for the NaN, divergence and full-disk tests' sane runs.
+ROLLBACK = _cfg(save_every=2, max_steps=8)
+
+
 def test_a_nan_at_step_s_rolls_back_to_the_last_good_checkpoint_and_resumes_as_if_it_never_happened(tmp_path):
-    config = _cfg(save_every=2, max_steps=8)
+    config = ROLLBACK
     clean_model, clean = fit(_small(), _batches(epochs=2), config, tmp_path / "clean", progress=False)
     # Step 5 runs from the state after step 4 (checkpoint 4) and fails: checkpoint 4 is not known to be good (its
     # step failed), so it is dropped and the rerun resumes from 2, with the data position saved with it.
@@ -214,10 +231,10 @@ def test_after_a_divergence_a_lower_learning_rate_resumes_from_a_good_state(tmp_
     # the optimizer state keeps one structure) trains.
     blow_up = OptimizerConfig(learning_rate=1e9, min_learning_rate=1e9, warmup_ratio=0.0, clip_norm=0.0)
     with pytest.raises(TrainingDiverged, match=r"at step 2; no good checkpoint is left"):
-        fit(_small(), _batches(), _cfg(save_every=1, max_steps=4, optimizer=blow_up), tmp_path, progress=False)
-    _, history = fit(_small(), _batches(), _cfg(save_every=1, max_steps=4), tmp_path, progress=False)
+        fit(_small(), _batches(), _cfg(save_every=1, max_steps=8, optimizer=blow_up), tmp_path, progress=False)
+    _, history = fit(_small(), _batches(), ROLLBACK, tmp_path, progress=False)
     losses = [h["loss"] for h in history]
-    assert len(losses) == 4 and all(np.isfinite(losses)) and losses[-1] < losses[0]
+    assert len(losses) == 8 and all(np.isfinite(losses)) and losses[-1] < losses[0]
     # An update that overflows the state while its loss and gradients are finite stops at that step, unsaved.
     overflow = OptimizerConfig(learning_rate=1e39, min_learning_rate=1e39, warmup_ratio=0.0)
     with pytest.raises(TrainingDiverged, match=r"the update of step 1 left a non-finite parameter or optimizer state"):
@@ -231,23 +248,24 @@ def test_a_full_disk_while_checkpointing_is_one_clear_error_and_keeps_the_earlie
     import resource
     import signal
 
-    config = _cfg(save_every=1, max_steps=3)
-    fit(_small(), _batches(), config, tmp_path, progress=False)
+    config = ROLLBACK
+    with pytest.raises(_Interrupted):
+        fit(_small(), _StopAfter(_batches(), 4), config, tmp_path, progress=False)
     biggest = max(p.stat().st_size for p in (tmp_path / "checkpoints").rglob("*") if p.is_file())
+    assert biggest > 64 << 10  # the limit below stops any checkpoint data file, not the small metrics.jsonl
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of the signal's default kill
-    assert biggest > 64 << 10  # the limit below stops any checkpoint data file, not the small metrics.jsonl
     resource.setrlimit(resource.RLIMIT_FSIZE, (16 << 10, hard))
     try:
-        with pytest.raises(EnvironmentProblem, match=r"writing checkpoint 4 in .*checkpoints: a file would exceed the "
-                                                     r"file-size limit.*\(checkpoints kept: \[3\]\)"):
-            fit(_small(), _batches(), _cfg(save_every=1, max_steps=6), tmp_path, progress=False)
+        with pytest.raises(EnvironmentProblem, match=r"writing checkpoint 6 in .*checkpoints: a file would exceed the "
+                                                     r"file-size limit.*\(checkpoints kept: \[4\]\)"):
+            fit(_small(), _batches(), config, tmp_path, progress=False)
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
         signal.signal(signal.SIGXFSZ, previous)
-    # Checkpoint 3 is intact: the rerun resumes from it and finishes.
-    _, rest = fit(_small(), _batches(), _cfg(save_every=1, max_steps=6), tmp_path, progress=False)
-    assert len(rest) == 3 and all(np.isfinite([h["loss"] for h in rest]))
+    # Checkpoint 4 is intact: the rerun resumes from it and finishes.
+    _, rest = fit(_small(), _batches(), config, tmp_path, progress=False)
+    assert len(rest) == 4 and all(np.isfinite([h["loss"] for h in rest]))
 
 
 def test_tensorstore_disk_errors_are_read_for_their_errno():
