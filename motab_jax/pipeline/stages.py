@@ -30,6 +30,7 @@ from motab_jax.motab.synthesize import parse_questions
 from motab_jax.pipeline.demo_data import write_demo_data
 from motab_jax.pipeline.policy_runs import PolicyRun, find_run, policy_runs
 from motab_jax.pipeline.stage_inputs import UnfinishedInput, done_path
+from motab_jax.pipeline.summary import results_entry
 from motab_jax.sampling.generate import default_stop_tokens
 from motab_jax.text import VocabularyMismatchError, check_shared_vocabulary
 from motab_jax.text.prompts import question_content, question_prompt
@@ -251,4 +252,5 @@ def run_eval_stage(config: Any, run_dir: Path, mesh: Mesh) -> dict[str, Any]:
             model, tokenizer = build_model(spec, mesh, SAMPLING_RULES)
             folder = run_dir / "eval" / re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_")
             results[name] = evaluate(model, tokenizer, folder, eval_config, progress=True, pool=pool)
-    return {name: {b: s["avg@k"] for b, s in r.items()} for name, r in results.items()}
+    # avg@k and the truncation / length fields per model and benchmark (results.md's tables).
+    return {name: {b: results_entry(s) for b, s in r.items()} for name, r in results.items()}
