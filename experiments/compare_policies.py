@@ -33,6 +33,13 @@ DEMO = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
 _CONFIG = config_flags.DEFINE_config_file("config", default=DEMO, lock_config=False)
 
 
+def _percent(score) -> str:
+    """avg@k in percent; the eval stage records {"avg@k": ..., length fields} per benchmark (a number in runs
+    recorded before the length fields existed)."""
+    value = score.get("avg@k") if isinstance(score, dict) else score
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
 def comparison_table(summaries: dict) -> str:
     """One row per model: the untrained student, the teacher, then each policy's synthesis statistics beside the
     accuracy of the student fine-tuned on that policy's data."""
@@ -49,7 +56,7 @@ def comparison_table(summaries: dict) -> str:
         lines.append(f"| {model} | {'-' if rate is None else f'{rate:.2f}'} | "
                      f"{'-' if depth is None else f'{depth:.2f}'} | "
                      f"{'-' if not tokens else '{student:,} / {revise:,} / {teacher:,}'.format(**tokens)} | "
-                     + " | ".join(f"{100 * scores[b]:.1f}" for b in benchmarks) + " |")
+                     + " | ".join(_percent(scores.get(b)) for b in benchmarks) + " |")
     return "\n".join(lines)
 
 

@@ -251,8 +251,13 @@ def test_degenerate_outputs_are_judged_in_bounded_time(reference):
     prompts = {}
     for p in read_prompts(BUNDLED):
         for instruction in p.instructions:
+            # Not the two prompts whose "letter" is "#" or "!": the reference swaps those for a random letter, so
+            # its verdict would depend on the random state earlier tests left (see the test above).
+            if not str(instruction.kwargs.get("letter", "a")).isalpha():
+                continue
             prompts.setdefault(instruction.id, Instruction(instruction.id, instruction.kwargs))
     every_type = list(prompts.values())
+    assert len(every_type) == 25
     units = ["\n", "[", "<<", " ", "* \n", "[" * 5 + "\n", "a. ", "{"]
     for unit in units:
         short = unit * (600 // len(unit)) + "x"  # not all whitespace: an empty response is not checked

@@ -275,7 +275,7 @@ def test_compare_policies_table_lines_up_policies_and_accuracy(tiny_run):
     assert rows["student after motab SFT"].startswith(f"| student after motab SFT | {motab['breach_rate']:.2f} |")
     assert f"{motab['tokens']['student']:,} / " in rows["student after motab SFT"]
     assert rows["teacher"].startswith("| teacher | - | - | - |")
-    accuracy = 100 * summaries["eval"]["student after teacher_only SFT"]["held_out"]
+    accuracy = 100 * summaries["eval"]["student after teacher_only SFT"]["held_out"]["avg@k"]
     assert rows["student after teacher_only SFT"].endswith(f" | {accuracy:.1f} |")
     assert module.ALL_POLICIES.count("skd_step@gamma=") == 5
 
