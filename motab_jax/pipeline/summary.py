@@ -8,6 +8,9 @@ from typing import Any
 
 from motab_jax.eval.metrics import LENGTH_FIELDS
 
+# results.md's first line: where the method, and how it differs from the paper and the released code, is written.
+METHOD_LINE = "Method and differences from the paper: docs/METHOD.md"
+
 
 def results_entry(summary: dict[str, Any]) -> dict[str, Any]:
     """What the eval stage records of one benchmark's summary (``evaluate``'s): avg@k and the length fields.
@@ -74,8 +77,8 @@ def synthesis_table(synthesis: dict[str, Any]) -> list[str]:
 
 def final_summary(summaries: dict[str, Any], wall_seconds: float) -> str:
     """Markdown: the accuracy table, the truncation and length table, the synthesis table, and the time of each
-    stage."""
-    parts = []
+    stage. The first line points to the method map (the repository's docs/METHOD.md)."""
+    parts = [METHOD_LINE, ""]
     if accuracy := accuracy_table(summaries.get("eval", {})):
         parts += ["## Accuracy", "", *accuracy, ""]
     if lengths := length_rows(summaries.get("eval", {})):
