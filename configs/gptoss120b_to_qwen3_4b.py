@@ -4,7 +4,8 @@ AIME24 P@1 47.08, AIME25 P@1 47.50).
 The LIMO recipe of `configs/limo.py` with a mixture-of-experts teacher whose tokenizer (o200k_harmony) differs
 from the student's: synthesis scores the student's text with the teacher's tokenizer (README, "Teachers with
 another tokenizer"), so on-policy KD and skd_token are not offered. The teacher's prompt is rendered in the
-harmony format by its own chat template (reasoning "medium"); the teacher's replies are cut to their final
+harmony format by its own chat template, with `teacher.reasoning_effort` ("medium": gpt-oss's default, which the
+released MOTAB code keeps by sending no level); the teacher's replies are cut to their final
 channel where text is graded. The released checkpoint's MXFP4 experts are dequantized to bf16 while they are
 placed: 233.7 GB of weights, so a TPU v5p-8 (4 x 95 GB) or 8 x H100 (README, "Model families").
 Experts are split over the devices of each engine group (`SAMPLING_RULES`: 128 experts over fsdp x tensor).

@@ -75,8 +75,18 @@ def build_model(spec: Mapping[str, Any], mesh: Mesh | None = None,
                                 compute_dtype=runtime.pop("compute_dtype"), **runtime)
         if tokenizer is None and spec.get("tokenizer"):
             tokenizer = make_tokenizer(spec["tokenizer"])
-        return model, tokenizer
-    tokenizer = make_tokenizer(spec["tokenizer"])
+        return model, spec_tokenizer(tokenizer, spec)
+    tokenizer = spec_tokenizer(make_tokenizer(spec["tokenizer"]), spec)
     cfg = ModelConfig(**init_fields(spec), **runtime)
     cfg = cfg.replace(logits_vocab_size=vocab_for_logits(cfg, len(tokenizer), "init"))
     return init_random(cfg, seed=int(spec.get("seed", 0)), mesh=mesh, rules=rules), tokenizer
+
+
+def spec_tokenizer(tokenizer: Any, spec: Mapping[str, Any]) -> Any:
+    """The tokenizer as `spec` asks for it to render prompts: a gpt-oss model's reasoning level
+    (`spec.reasoning_effort`) in its chat template; other tokenizers unchanged."""
+    if tokenizer is not None and spec.get("reasoning_effort"):
+        from motab_jax.text.harmony import with_reasoning_effort
+
+        tokenizer = with_reasoning_effort(tokenizer, spec["reasoning_effort"])
+    return tokenizer

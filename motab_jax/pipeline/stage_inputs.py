@@ -36,6 +36,7 @@ import ml_collections
 
 from motab_jax.errors import MotabInputError
 from motab_jax.pipeline.validation import STAGE_NAMES
+from motab_jax.text.harmony import DEFAULT_REASONING
 
 log = logging.getLogger("motab_jax")
 
@@ -54,6 +55,9 @@ EXECUTION_FIELDS = frozenset({
     "synthesis.num_slots", "synthesis.num_pages", "synthesis.page_size", "synthesis.paged_impl",
     "synthesis.iterations_per_sync", "synthesis.memory_budget_gb", "synthesis.output_path",
     "eval.batch_size"})
+# Fields added after run directories were first recorded, with the value their behaviour had before: a record
+# without the field matches a configuration that keeps that value (an old run directory is not refused for it).
+ADDED_FIELDS = {"teacher.reasoning_effort": DEFAULT_REASONING, "student.reasoning_effort": DEFAULT_REASONING}
 TRAINING_EXECUTION_FIELDS = frozenset({"micro_batches", "chunk_size", "save_every", "keep_last"})
 # What `amend` may change while a training stage resumes: the optimizer, not the data or the model.
 OPTIMIZER_FIELDS = frozenset({"learning_rate", "min_learning_rate", "warmup_ratio", "weight_decay", "beta1", "beta2",
@@ -254,8 +258,9 @@ def begin_stage(config: Any, run_dir: Path, stage: str, *, write: bool = True) -
 def _changes(record: StageRecord, config: Any) -> dict[str, tuple[Any, Any]]:
     now = inputs_of(config, record.covers)
     missing = object()
+    recorded = {k: v for k, v in ADDED_FIELDS.items() if k in now} | record.inputs
     return {k: (record.inputs.get(k, missing), now.get(k, missing)) for k in sorted(set(record.inputs) | set(now))
-            if record.inputs.get(k, missing) != now.get(k, missing)}
+            if recorded.get(k, missing) != now.get(k, missing)}
 
 
 def _show(value: Any) -> str:

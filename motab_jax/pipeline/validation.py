@@ -23,7 +23,7 @@ from motab_jax.errors import MotabInputError
 from motab_jax.eval.benchmarks import BENCHMARKS
 from motab_jax.jsonl import read_json
 from motab_jax.models.config import ModelConfig, config_from_hf
-from motab_jax.models.factory import init_fields, make_tokenizer, validate_model_spec
+from motab_jax.models.factory import init_fields, make_tokenizer, spec_tokenizer, validate_model_spec
 from motab_jax.models.sharding import MeshConfig
 from motab_jax.motab.config import DEFAULTS as SYNTHESIS_DEFAULTS
 from motab_jax.motab.config import synthesis_problems
@@ -33,6 +33,7 @@ from motab_jax.pipeline.inputs import input_problems, run_dir_problems
 from motab_jax.pipeline.policy_runs import policy_runs
 from motab_jax.pipeline.prompt_check import check_prompt_convention
 from motab_jax.train.losses import LOSSES
+from motab_jax.text.harmony import DEFAULT_REASONING, REASONING_LEVELS, is_harmony_tokenizer
 from motab_jax.train.optimizer import optimizer_problems
 
 log = logging.getLogger("motab_jax")
@@ -169,6 +170,10 @@ def validate_config(config: Any) -> list[str]:
         problems.append(f"mesh: {e}")
     if not str(config.run_dir):
         problems.append("run_dir is empty: give a folder for the job's outputs")
+        effort = config[name].get("reasoning_effort", DEFAULT_REASONING)
+        if effort not in REASONING_LEVELS:
+            problems.append(f"{name}.reasoning_effort={effort!r}: accepted {', '.join(REASONING_LEVELS)} (gpt-oss's "
+                            "reasoning level)")
     else:
         problems += run_dir_problems(str(config.run_dir))
     runs: list[str] | None = None
@@ -226,7 +231,7 @@ def _metadata_folder(path: str) -> Path | None:
 
 def model_facts(spec: Any, role: str) -> ModelFacts:
     if not spec.path:
-        return ModelFacts(role, ModelConfig(**init_fields(spec)), make_tokenizer(spec.tokenizer))
+        return ModelFacts(role, ModelConfig(**init_fields(spec)), spec_tokenizer(make_tokenizer(spec.tokenizer), spec))
     folder = _metadata_folder(str(spec.path))
     if folder is None or not (folder / "config.json").exists():
         return ModelFacts(role, None, None)
@@ -237,7 +242,19 @@ def model_facts(spec: Any, role: str) -> ModelFacts:
         tokenizer = load_tokenizer(folder)
     except (FileNotFoundError, OSError):
         tokenizer = make_tokenizer(spec.tokenizer) if spec.tokenizer else None
-    return ModelFacts(role, cfg, tokenizer)
+    return ModelFacts(role, cfg, spec_tokenizer(tokenizer, spec))
+
+
+def reasoning_problems(config: Any, facts: dict[str, ModelFacts]) -> list[str]:
+    """A reasoning level set for a model that has none (its tokenizer does not speak harmony) would do nothing."""
+    problems = []
+    for role, f in facts.items():
+        effort = config[role].get("reasoning_effort", DEFAULT_REASONING)
+        if f.tokenizer is not None and effort != DEFAULT_REASONING and not is_harmony_tokenizer(f.tokenizer):
+            problems.append(f"{role}.reasoning_effort={effort!r}: only gpt-oss (harmony) models have a reasoning "
+                            f"level and this {role}'s tokenizer has no harmony format; leave it at "
+                            f"{DEFAULT_REASONING!r}")
+    return problems
 
 
 def cross_vocabulary_problems(config: Any, stages: list[str], teacher_tokenizer: Any,
@@ -284,6 +301,7 @@ def preflight(config: Any) -> list[str]:
             check_prompt_convention(config, teacher.tokenizer, student.tokenizer)  # logs; never a problem
     vocab = len(student.tokenizer) if student.tokenizer is not None else 0
     for field in ("token_top_k", "entropy_top_k"):
+    problems += reasoning_problems(config, facts)
         if vocab and config.synthesis[field] > vocab:
             problems.append(f"synthesis.{field}={config.synthesis[field]}: must be <= the vocabulary ({vocab} ids)")
     if vocab and config.eval.get("top_k", 0) > vocab:

@@ -6,6 +6,8 @@ low / medium / high, the valid channels); our `system` role becomes harmony's `d
 ("# Instructions"), as in gpt-oss's own chat template. The generation prompt is `<|start|>assistant`; the model
 answers on channels: `analysis` (its reasoning), then `<|start|>assistant<|channel|>final<|message|>` and the
 answer, ended by `<|return|>`. `final_text` keeps only the final channel, as `</think>` is stripped for Qwen3.
+A run's reasoning level (`teacher.reasoning_effort` / `student.reasoning_effort`) becomes the chat template's
+default (`with_reasoning_effort`), so every prompt rendered for that model carries it.
 The tests check the rendering token for token against `openai-harmony`.
 """
 
@@ -50,6 +52,28 @@ def harmony_chat_template(reasoning: ReasoningLevel = DEFAULT_REASONING, date: s
         "{%- endfor -%}"
         "{%- if add_generation_prompt -%}<|start|>assistant{%- endif -%}"
     )
+
+
+# Prepended to a harmony chat template: the run's reasoning level when `apply_chat_template` is given none. gpt-oss's
+# own template (and ours) fall back to "medium" only when `reasoning_effort` is undefined, so this default comes
+# first and an explicit `reasoning_effort=` still wins. Jinja's top-level `set` inside `if` is seen by the rest of
+# the template, its macros included.
+_EFFORT_DEFAULT = re.compile(r"^\{%- if reasoning_effort is not defined or not reasoning_effort %\}\{%- set "
+                             r"reasoning_effort = '\w+' %\}\{%- endif %\}")
+
+
+def with_reasoning_effort(tokenizer, level: str):
+    """`tokenizer` whose chat template renders the harmony system message with reasoning `level` unless a call
+    passes `reasoning_effort=` itself (changed in place and returned). Tokenizers that do not speak harmony, or
+    have no chat template, are returned unchanged: only gpt-oss models have a reasoning level."""
+    if level not in REASONING_LEVELS:
+        raise ValueError(f"reasoning_effort={level!r}; accepted: {REASONING_LEVELS}")
+    template = getattr(tokenizer, "chat_template", None)
+    if not isinstance(template, str) or not is_harmony_tokenizer(tokenizer):
+        return tokenizer
+    tokenizer.chat_template = (f"{{%- if reasoning_effort is not defined or not reasoning_effort %}}{{%- set "
+                               f"reasoning_effort = '{level}' %}}{{%- endif %}}" + _EFFORT_DEFAULT.sub("", template))
+    return tokenizer
 
 
 # What follows a generation prompt when the reply starts in the analysis channel (the teacher reading the student's
