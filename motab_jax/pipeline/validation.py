@@ -34,6 +34,7 @@ from motab_jax.pipeline.policy_runs import policy_runs
 from motab_jax.pipeline.prompt_check import check_prompt_convention
 from motab_jax.train.losses import LOSSES
 from motab_jax.text.harmony import DEFAULT_REASONING, REASONING_LEVELS, is_harmony_tokenizer
+from motab_jax.train.losses import LOSSES
 from motab_jax.train.optimizer import optimizer_problems
 
 log = logging.getLogger("motab_jax")
@@ -164,16 +165,16 @@ def validate_config(config: Any) -> list[str]:
                  if s not in STAGE_NAMES]
     for name in ("teacher", "student"):
         problems += validate_model_spec(config[name], name)
+        effort = config[name].get("reasoning_effort", DEFAULT_REASONING)
+        if effort not in REASONING_LEVELS:
+            problems.append(f"{name}.reasoning_effort={effort!r}: accepted {', '.join(REASONING_LEVELS)} (gpt-oss's "
+                            "reasoning level)")
     try:
         MeshConfig(**config.mesh).shape(jax.device_count())
     except (ValueError, TypeError) as e:
         problems.append(f"mesh: {e}")
     if not str(config.run_dir):
         problems.append("run_dir is empty: give a folder for the job's outputs")
-        effort = config[name].get("reasoning_effort", DEFAULT_REASONING)
-        if effort not in REASONING_LEVELS:
-            problems.append(f"{name}.reasoning_effort={effort!r}: accepted {', '.join(REASONING_LEVELS)} (gpt-oss's "
-                            "reasoning level)")
     else:
         problems += run_dir_problems(str(config.run_dir))
     runs: list[str] | None = None
@@ -295,13 +296,13 @@ def preflight(config: Any) -> list[str]:
         log.info("preflight: %s not readable before loading (hub unreachable or a .gguf file); the vocabulary "
                  "and memory checks run when the models stage loads them", " and ".join(unknown))
     teacher, student = facts["teacher"], facts["student"]
+    problems += reasoning_problems(config, facts)
     if teacher.tokenizer is not None and student.tokenizer is not None and {"synthesize", "kd"} & set(stages):
         problems += cross_vocabulary_problems(config, stages, teacher.tokenizer, student.tokenizer)
         if inputs_readable:
             check_prompt_convention(config, teacher.tokenizer, student.tokenizer)  # logs; never a problem
     vocab = len(student.tokenizer) if student.tokenizer is not None else 0
     for field in ("token_top_k", "entropy_top_k"):
-    problems += reasoning_problems(config, facts)
         if vocab and config.synthesis[field] > vocab:
             problems.append(f"synthesis.{field}={config.synthesis[field]}: must be <= the vocabulary ({vocab} ids)")
     if vocab and config.eval.get("top_k", 0) > vocab:
