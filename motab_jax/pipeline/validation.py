@@ -32,7 +32,6 @@ from motab_jax.pipeline.memory import (available_memory, format_bytes, generatio
 from motab_jax.pipeline.inputs import input_problems, run_dir_problems
 from motab_jax.pipeline.policy_runs import policy_runs
 from motab_jax.pipeline.prompt_check import check_prompt_convention
-from motab_jax.train.losses import LOSSES
 from motab_jax.text.harmony import DEFAULT_REASONING, REASONING_LEVELS, is_harmony_tokenizer
 from motab_jax.train.losses import LOSSES
 from motab_jax.train.optimizer import optimizer_problems
