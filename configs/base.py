@@ -73,8 +73,14 @@ def get_config() -> ml_collections.ConfigDict:
     # (tensor parallel) and its own slots and KV page pools.
     config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     # Multi-host: set on every host (TPU pods and SLURM clusters are detected automatically when
-    # num_processes is 0).
-    config.distributed = ml_collections.ConfigDict(dict(coordinator_address="", num_processes=1, process_id=0))
+    # num_processes is 0). Training shards its batches over the global mesh. generation_mode: how synthesize
+    # and eval use several processes (motab_jax/pipeline/multihost.py): "data_parallel" = one engine per host on
+    # its own devices (mesh.fsdp x mesh.tensor must divide a host's device count) over 1/process_count of the
+    # trajectories / samples, each host writing its own shard file, merged by process 0 into the one-host
+    # output; "global_mesh" = one engine over a mesh spanning hosts (a teacher larger than a host; not
+    # implemented yet, refused by validation); "auto" = data_parallel when one copy of the models fits a host.
+    config.distributed = ml_collections.ConfigDict(dict(coordinator_address="", num_processes=1, process_id=0,
+                                                        generation_mode="auto"))
 
     config.models = ml_collections.ConfigDict()
     config.models.probe_prompt = "What is 12 + 30? Put the final answer in \\boxed{}."

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -143,3 +144,55 @@ def append_records(path: str | os.PathLike, records: Iterable[dict[str, Any]]) -
             f.close()
         except OSError:  # the buffer of a failed write: its error is the one raised above
             pass
+
+
+# ------------------------------------------------------------------ one file written in shards by several processes
+_SHARD = re.compile(r"\.part-(\d+)-of-(\d+)$")
+
+
+def shard_path(path: str | os.PathLike, index: int, count: int) -> Path:
+    """The file process `index` of `count` writes its share of `path`'s records to, in a stage that runs one engine
+    per host (`pipeline.multihost`): synthesis_motab.jsonl -> synthesis_motab.part-0-of-2.jsonl; `path` itself for
+    one process. Shards keep `path`'s suffix, so globs of the stage's outputs (a redo's deletion) take them too."""
+    path = Path(path)
+    if not 0 <= index < count:
+        raise ValueError(f"shard {index} of {count}: need 0 <= index < count")
+    return path if count == 1 else path.with_name(f"{path.stem}.part-{index}-of-{count}{path.suffix}")
+
+
+def shard_files(path: str | os.PathLike) -> list[Path]:
+    """Every shard of `path` on disk (of any process count: a job relaunched with another count leaves the old ones)."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    return sorted(p for p in path.parent.iterdir() if p.suffix == path.suffix and p.stem.startswith(path.stem)
+                  and _SHARD.fullmatch(p.stem[len(path.stem):]))
+
+
+def merge_shards(path: str | os.PathLike, key_fields: Sequence[str], order: Any) -> list[dict[str, Any]]:
+    """Rewrite `path` as the union of its records and its shards' (`shard_files`), one record per key (the values of
+    `key_fields`; a key written twice, by a process that redid work another had finished, keeps its first copy),
+    sorted by `order(record)`: the file no longer depends on how many processes wrote it or when each record
+    finished. Written atomically (a temporary file renamed over `path`), then the shards are deleted; a kill at
+    any point leaves every record in `path` or in a shard. Call it when no process is writing. Returns the records."""
+    path = Path(path)
+    records: dict[tuple, dict[str, Any]] = {}
+    for source in [path, *shard_files(path)]:
+        for key, record in read_records(source, key_fields).items():
+            records.setdefault(key, record)
+    merged = sorted(records.values(), key=order)
+    tmp = path.with_name(path.name + ".merging")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(dumps_line(r) for r in merged)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(path)
+    except OSError as e:
+        problem = environment_problem(e, f"writing {path} (the merge of its shards)")
+        if problem is None:
+            raise
+        raise problem from e
+    for shard in shard_files(path):
+        shard.unlink()
+    return merged

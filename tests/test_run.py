@@ -257,10 +257,11 @@ def test_a_teacher_with_another_tokenizer_runs_synthesis_sft_and_eval(tmp_path):
 def test_single_host_stages_are_refused_across_processes():
     from motab_jax.pipeline.validation import multihost_problems
 
-    assert multihost_problems(["synthesize", "sft", "kd", "eval"], 1) == []
-    problems = multihost_problems(["synthesize", "sft", "kd", "eval"], 4)
-    assert [p.split("'")[1] for p in problems] == ["synthesize", "eval"]
-    assert "runs on one host only for now (4 processes started)" in problems[0]
+    config = demo.get_config()
+    assert multihost_problems(config, ["models", "pretrain", "sft"], 1) == []
+    problems = multihost_problems(config, ["models", "pretrain", "synthesize", "sft", "kd", "eval"], 4)
+    assert [p.split("'")[1] for p in problems] == ["models", "pretrain"]
+    assert "runs on one host only (4 processes started)" in problems[0]
 
 
 def test_compare_policies_table_lines_up_policies_and_accuracy(tiny_run):

@@ -6,6 +6,9 @@ sample index, prompt, completion, extracted answer, gold, correct, timed out, fi
 tokens; for IFEval also the instruction ids and each one's strict and loose verdict), and
 `summary.json` / `summary.md` with every benchmark's metrics (IFEval: its four accuracies too). A rerun
 skips samples already graded in the samples file, so an interrupted evaluation resumes where it stopped.
+Samples are appended as they finish; when a benchmark is done its file is rewritten in canonical order (problem,
+then sample index), so it does not depend on scheduling, on where a run resumed, or on how many processes
+shared the work (`evaluate(shard=...)` then `finish_evaluation`: one engine per host, `pipeline.multihost`).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from motab_jax.eval.benchmarks import BenchmarkSpec, Problem, load_problems, res
 from motab_jax.eval.grading import DEFAULT_TIMEOUT_S, GradingPool, strip_thinking
 from motab_jax.eval.ifeval import judge, summarize_ifeval
 from motab_jax.eval.metrics import length_summary, length_table, summarize
-from motab_jax.jsonl import append_records, read_records
+from motab_jax.jsonl import append_records, merge_shards, read_records, shard_path
 from motab_jax.models.transformer import Decoder
 from motab_jax.motab.generation import GenerationConfig, generate_rows
 from motab_jax.sampling.generate import completion, default_stop_tokens
@@ -88,26 +91,53 @@ def _table(summaries: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines + ["", length_table(summaries)])
 
 
+def samples_file(output_dir: str | os.PathLike, benchmark: str) -> Path:
+    return Path(output_dir) / f"{benchmark}.samples.jsonl"
+
+
+_SAMPLE_KEY = ("problem_id", "sample_index")
+
+
 def evaluate(model: Decoder, tokenizer: Any, output_dir: str | os.PathLike, config: EvalConfig | None = None,
-             *, progress: bool = True, pool: GradingPool | None = None) -> dict[str, dict[str, Any]]:
+             *, progress: bool = True, pool: GradingPool | None = None,
+             shard: tuple[int, int] = (0, 1)) -> dict[str, dict[str, Any]]:
     """Evaluate `model` on `config.benchmarks`; returns {benchmark: summary} and writes the output files.
 
     `pool`: grading workers to use (and leave running), e.g. one pool for several models; by default a pool
-    is started and stopped here (starting its workers costs seconds: fresh interpreters importing sympy)."""
+    is started and stopped here (starting its workers costs seconds: fresh interpreters importing sympy).
+
+    `shard` = (index, count), count > 1: this process samples and grades only the samples n = problem position x
+    samples + sample index with n % count == index, into `jsonl.shard_path(<benchmark>.samples.jsonl, index,
+    count)`, and returns {}; once every process has finished, one of them calls `finish_evaluation`. A sample's
+    random key depends on (seed, problem position, sample index) only, so it does not depend on the shard."""
     config = config or EvalConfig()
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     specs = [resolve(name, config.samples or None) for name in config.benchmarks]
     rule = make_rule(config.temperature, config.top_p, config.top_k)
     stops = default_stop_tokens(model, tokenizer)
-    summaries: dict[str, dict[str, Any]] = {}
     with contextlib.ExitStack() as stack:
         if pool is None and any(spec.kind != "ifeval" for spec in specs):  # IFEval is judged in process
             pool = stack.enter_context(GradingPool(num_workers=config.grading_workers,
                                                    item_timeout=config.item_timeout))
         for spec in specs:
-            summaries[spec.name] = _evaluate_one(model, tokenizer, spec, config, rule, stops, pool,
-                                                 out / f"{spec.name}.samples.jsonl", progress)
+            _sample_and_grade(model, tokenizer, spec, config, rule, stops, pool, samples_file(out, spec.name),
+                              progress, shard)
+    return {} if shard[1] > 1 else finish_evaluation(out, config)
+
+
+def finish_evaluation(output_dir: str | os.PathLike, config: EvalConfig) -> dict[str, dict[str, Any]]:
+    """Merge each benchmark's samples (its file and the shards of `evaluate(shard=...)`) into its file in canonical
+    order, summarise them, write summary.json / summary.md; returns {benchmark: summary}. Call it when no process
+    is sampling into `output_dir`."""
+    out = Path(output_dir)
+    summaries: dict[str, dict[str, Any]] = {}
+    for spec in (resolve(name, config.samples or None) for name in config.benchmarks):
+        problems = load_problems(spec, limit=config.limit or None, seed=config.seed)
+        position = {p.id: n for n, p in enumerate(problems)}
+        merge_shards(samples_file(out, spec.name), _SAMPLE_KEY, lambda r: (
+            position.get(r["problem_id"], len(position)), str(r["problem_id"]), r["sample_index"]))
+        summaries[spec.name] = _summarize(spec, problems, samples_file(out, spec.name))
     (out / "summary.json").write_text(json.dumps(summaries, indent=2))
     table = _table(summaries)
     (out / "summary.md").write_text(table + "\n")
@@ -139,11 +169,16 @@ def _grades(spec: BenchmarkSpec, problems: Sequence[Problem], group: Sequence[tu
              "timed_out": g.timed_out} for ((i, _), _), g in zip(group, grades)]
 
 
-def _evaluate_one(model: Decoder, tokenizer: Any, spec: BenchmarkSpec, config: EvalConfig, rule: Any,
-                  stops: Sequence[int], pool: GradingPool | None, path: Path, progress: bool) -> dict[str, Any]:
+def _sample_and_grade(model: Decoder, tokenizer: Any, spec: BenchmarkSpec, config: EvalConfig, rule: Any,
+                      stops: Sequence[int], pool: GradingPool | None, path: Path, progress: bool,
+                      shard: tuple[int, int]) -> None:
+    """Sample and grade the samples of `shard` not yet in `path` or in the shard's file, appending them there."""
     problems = load_problems(spec, limit=config.limit or None, seed=config.seed)
-    done = read_records(path, ("problem_id", "sample_index"))
-    todo = [(i, j) for i, p in enumerate(problems) for j in range(spec.samples) if (p.id, j) not in done]
+    part, parts = shard
+    written = shard_path(path, part, parts)
+    done = read_records(path, _SAMPLE_KEY) | (read_records(written, _SAMPLE_KEY) if parts > 1 else {})
+    todo = [(i, j) for i, p in enumerate(problems) for j in range(spec.samples)
+            if (i * spec.samples + j) % parts == part and (p.id, j) not in done]
     prompts = {i: build_prompt(tokenizer, problems[i], spec, config) for i in sorted({i for i, _ in todo})}
     limit = model.config.max_position_embeddings
     for i, (_, ids) in prompts.items():
@@ -167,11 +202,19 @@ def _evaluate_one(model: Decoder, tokenizer: Any, spec: BenchmarkSpec, config: E
                         "prompt": prompts[i][0], "completion": c.text, "finish_reason": c.finish_reason,
                         "num_tokens": len(c.token_ids), **grade}
                        for ((i, j), c), grade in zip(group, _grades(spec, problems, group, pool, config, answer_text)))
-            for _ in append_records(path, records):
+            for _ in append_records(written, records):
                 bar.update(1)
             group = []
     bar.close()
-    records = read_records(path, ("problem_id", "sample_index"))
+
+
+def _summarize(spec: BenchmarkSpec, problems: Sequence[Problem], path: Path) -> dict[str, Any]:
+    records = read_records(path, _SAMPLE_KEY)
+    missing = [f"{p.id}#{j}" for p in problems for j in range(spec.samples) if (p.id, j) not in records]
+    if missing:
+        raise RuntimeError(f"{path}: {len(missing)} of {len(problems) * spec.samples} samples are missing "
+                           f"({', '.join(missing[:5])}{', ...' if len(missing) > 5 else ''}) after every process "
+                           "finished: a bug; please report it (rerun the same command to sample them)")
     rows = [[records[(p.id, j)] for j in range(spec.samples)] for p in problems]
     summary = summarize([{"correct": [r["correct"] for r in samples],
                           "answers": [r["extracted_answer"] for r in samples]} for samples in rows])

@@ -35,13 +35,14 @@ def pages_for(tokens: int, page_size: int) -> int:
     return -(-tokens // page_size)
 
 
-def memory_over_devices(free: bool = False) -> tuple[float, bool]:
+def memory_over_devices(free: bool = False, local: bool = False) -> tuple[float, bool]:
     """(bytes, on accelerators): the accelerators' memory summed over devices (with `free`, less what is in use
-    now, e.g. by a training state), or, on CPU, the host's RAM; 0 when unknown."""
-    stats = jax.devices()[0].memory_stats() or {}
+    now, e.g. by a training state), or, on CPU, the host's RAM; 0 when unknown. `local`: over this process's
+    devices only, those its engines run on (a multi-host job runs one engine per host, `pipeline.multihost`)."""
+    stats = jax.local_devices()[0].memory_stats() or {}
     if stats.get("bytes_limit"):
         per_device = stats["bytes_limit"] - (stats.get("bytes_in_use", 0) if free else 0)
-        return float(per_device) * jax.device_count(), True
+        return float(per_device) * (jax.local_device_count() if local else jax.device_count()), True
     try:
         return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")), False
     except (ValueError, OSError, AttributeError):
@@ -49,11 +50,11 @@ def memory_over_devices(free: bool = False) -> tuple[float, bool]:
 
 
 def device_memory(free: bool = False) -> tuple[float, str]:
-    """(bytes, what they are) the pools may be sized from by default: the accelerators' memory (see
+    """(bytes, what they are) the pools may be sized from by default: this process's accelerators' memory (see
     `memory_over_devices`), or on CPU a quarter of the host RAM."""
-    total, accelerators = memory_over_devices(free)
+    total, accelerators = memory_over_devices(free, local=True)
     if accelerators:
-        return total, f"{jax.device_count()} device(s)" + (" free" if free else "")
+        return total, f"{jax.local_device_count()} device(s)" + (" free" if free else "")
     return HOST_FRACTION * total, f"a quarter of the host RAM ({total / GIB:.1f} GiB)"
 
 

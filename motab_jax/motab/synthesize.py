@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from motab_jax.data.questions import checked_questions
 from motab_jax.errors import PromptTooLongError
-from motab_jax.jsonl import append_records
+from motab_jax.jsonl import append_records, shard_path
 from motab_jax.models.config import ModelConfig
 from motab_jax.models.paged_cache import kv_bytes_per_token
 from motab_jax.models.transformer import Decoder
@@ -94,7 +94,8 @@ def _encode(tokenizer: Any, question: Question, cfg: Mapping[str, Any]) -> tuple
 
 def synthesize(student: Decoder, teacher: Decoder, tokenizer: Any, questions: Sequence[Any],
                config: Mapping[str, Any] | None = None, *, progress: bool = True,
-               stats: EngineStats | None = None, teacher_tokenizer: Any = None) -> Iterator[dict[str, Any]]:
+               stats: EngineStats | None = None, teacher_tokenizer: Any = None,
+               shard: tuple[int, int] = (0, 1)) -> Iterator[dict[str, Any]]:
     """Yield one record per (question, sample index) as trajectories finish (see records.build_record).
 
     `config` is the synthesis section (see `motab_jax.motab.config.SynthesisConfig`); its `policy` is a name or a
@@ -105,6 +106,11 @@ def synthesize(student: Decoder, teacher: Decoder, tokenizer: Any, questions: Se
 
     `teacher_tokenizer`: the teacher's, when it differs from the student's (`tokenizer`): the teacher then judges
     the student's text (`cross_engine`); records keep teacher text in both vocabularies (`cross_records`).
+
+    `shard` = (index, count): run only the trajectories n = question position x samples_per_question + sample
+    index with n % count == index (one process of a data-parallel multi-host job, `pipeline.multihost`), appending
+    to `jsonl.shard_path(output_path, index, count)`; pairs already in `output_path` or in that shard are skipped.
+    Random keys still come from (seed, question position, sample index), so a record does not depend on the shard.
     """
     cfg = resolve_config(config)
     spec = engine_spec(cfg)
@@ -116,27 +122,36 @@ def synthesize(student: Decoder, teacher: Decoder, tokenizer: Any, questions: Se
                          "scoring='text' (or use a teacher with another tokenizer)")
     if text_level:
         return _synthesize_cross(spec, cfg, student, teacher, tokenizer, teacher_tokenizer or tokenizer, questions,
-                                 progress, stats)
+                                 progress, stats, shard)
     if student.config.output_vocab_size != teacher.config.output_vocab_size:
         raise ValueError(f"student logits cover {student.config.output_vocab_size} ids but the teacher's cover "
                          f"{teacher.config.output_vocab_size}: pass the teacher's tokenizer (teacher_tokenizer=) for "
                          "a teacher with another vocabulary")
     items = parse_questions(questions)
-    queue, encoded = _pending(items, tokenizer, cfg)
+    queue, encoded = _pending(items, tokenizer, cfg, shard)
     weights, groups = weight_bytes(student, teacher), engine_groups(student)
     pool = synthesis_pool(cfg, student.config, teacher.config, uses_teacher=spec.uses_teacher, weight_bytes=weights,
                           device_bytes=loaded_budget(weights, groups), groups=groups)
     records = _run(spec, cfg, pool, student, teacher, tokenizer, items, queue, encoded, progress, stats)
-    return append_records(cfg["output_path"], records) if cfg["output_path"] else records
+    return _append(cfg, records, shard)
 
 
-def _pending(items: list[Question], tokenizer: Any, cfg: Mapping[str, Any]
+def _append(cfg: Mapping[str, Any], records: Iterator[dict[str, Any]], shard: tuple[int, int]
+            ) -> Iterator[dict[str, Any]]:
+    return append_records(shard_path(cfg["output_path"], *shard), records) if cfg["output_path"] else records
+
+
+def _pending(items: list[Question], tokenizer: Any, cfg: Mapping[str, Any], shard: tuple[int, int] = (0, 1)
              ) -> tuple[list[tuple[int, int]], dict[int, tuple[str, list[int]]]]:
-    """The (question, sample index) pairs not yet in `output_path` (resume), and the prompt (text, ids) of each of
-    their questions, every one within max_prompt_len."""
-    done = read_done(cfg["output_path"]) if cfg["output_path"] else set()
-    queue = [(qi, r) for qi, q in enumerate(items) for r in range(cfg["samples_per_question"])
-             if (q.id, r) not in done]
+    """The (question, sample index) pairs of `shard` not yet in `output_path` or the shard's file (resume), and the
+    prompt (text, ids) of each of their questions, every one within max_prompt_len."""
+    done: set[tuple[str, int]] = set()
+    if cfg["output_path"]:
+        done = read_done(cfg["output_path"]) | (read_done(shard_path(cfg["output_path"], *shard)) if shard[1] > 1
+                                                else set())
+    samples, (index, count) = cfg["samples_per_question"], shard
+    queue = [(qi, r) for qi, q in enumerate(items) for r in range(samples)
+             if (qi * samples + r) % count == index and (q.id, r) not in done]
     encoded = {qi: _encode(tokenizer, items[qi], cfg) for qi in sorted({qi for qi, _ in queue})}
     for qi, (_, ids) in encoded.items():
         if len(ids) > cfg["max_prompt_len"]:
@@ -163,14 +178,14 @@ def _cross_vocabulary(tokenizer: Any, teacher_tokenizer: Any) -> bool:
 
 def _synthesize_cross(spec: EngineSpec, cfg: Mapping[str, Any], student: Decoder, teacher: Decoder, tokenizer: Any,
                       teacher_tokenizer: Any, questions: Sequence[Any], progress: bool,
-                      stats: EngineStats | None) -> Iterator[dict[str, Any]]:
+                      stats: EngineStats | None, shard: tuple[int, int]) -> Iterator[dict[str, Any]]:
     if spec.policy.token_top_k:
         raise ValueError(f"policy={spec.policy.name!r} compares the student's tokens with the teacher's top-k, which "
                          "has no meaning across vocabularies; use motab, its ablations, skd_step, teacher_only or "
                          "student_only with this teacher")
     items = parse_questions(questions)
     samples = cfg["samples_per_question"]
-    queue, encoded = _pending(items, tokenizer, cfg)
+    queue, encoded = _pending(items, tokenizer, cfg, shard)
     prompts = {}
     for qi, (text, ids) in encoded.items():
         if items[qi].prompt_ids:
@@ -203,7 +218,7 @@ def _synthesize_cross(spec: EngineSpec, cfg: Mapping[str, Any], student: Decoder
         finally:
             bar.close()
 
-    return append_records(cfg["output_path"], records()) if cfg["output_path"] else records()
+    return _append(cfg, records(), shard)
 
 
 def _run(spec: EngineSpec, cfg: Mapping[str, Any], pool: PoolPlan, student: Decoder, teacher: Decoder, tokenizer: Any,

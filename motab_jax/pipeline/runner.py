@@ -23,6 +23,7 @@ import jax
 from motab_jax.models.sharding import MeshConfig, initialize_distributed, make_mesh
 from motab_jax.errors import EnvironmentProblem, MotabInputError, environment_problem
 from motab_jax.pipeline.models_stage import run_models_stage
+from motab_jax.pipeline.multihost import GENERATION_STAGES, check_shared_run_dir, generation_plan
 from motab_jax.pipeline.run_lock import acquire_run_dir
 from motab_jax.pipeline.stage_inputs import (UnfinishedInput, apply_plan, begin_stage, check_stages, check_unfinished,
                                               done_path, unfinished_inputs)
@@ -48,8 +49,10 @@ __all__ = ["STAGES", "ConfigError", "run_pipeline", "validate_config"]
 
 
 def _log_to_file(run_dir: Path) -> logging.Handler:
-    """Append this process's log to run_dir/run.log (every rerun adds to it, so the history stays)."""
-    handler = logging.FileHandler(run_dir / "run.log", encoding="utf-8")
+    """Append this process's log to run_dir/run.log (every rerun adds to it, so the history stays); the other
+    processes of a multi-host job to run.process<i>.log."""
+    name = "run.log" if jax.process_index() == 0 else f"run.process{jax.process_index()}.log"
+    handler = logging.FileHandler(run_dir / name, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(handler)
     if log.level == logging.NOTSET or log.level > logging.INFO:
@@ -97,9 +100,10 @@ def run_pipeline(config: Any) -> dict[str, Any]:
         raise ConfigError("invalid configuration:\n  - " + "\n  - ".join(problems))
     run_dir = Path(config.run_dir)
     _make_run_dir(run_dir)
-    # One job per run directory; the other processes of a multi-host job share process 0's.
+    # One job per run directory; the other processes of a multi-host job share process 0's (and must see it).
     lock = acquire_run_dir(run_dir) if jax.process_index() == 0 else None
     try:
+        check_shared_run_dir(run_dir)
         handler = _log_to_file(run_dir)
         _enable_compilation_cache(config, run_dir)
         try:
@@ -148,6 +152,10 @@ def _run_stages(config: Any, run_dir: Path) -> dict[str, Any]:
     mesh = make_mesh(MeshConfig(**config.mesh))
     log.info("run directory %s; mesh %s over %d %s device(s)", run_dir, dict(mesh.shape), mesh.size,
              jax.default_backend())
+    if jax.process_count() > 1 and set(GENERATION_STAGES) & set(stages):
+        plan = generation_plan(config)
+        log.info("process %d of %d; synthesize / eval: %s (%s)", jax.process_index(), jax.process_count(), plan.mode,
+                 plan.why)
     job_start = time.monotonic()
     summaries: dict[str, Any] = {}
     for stage in stages:
@@ -166,16 +174,22 @@ def _run_stages(config: Any, run_dir: Path) -> dict[str, Any]:
         try:
             summary = STAGES[stage](config, run_dir, mesh)
             summary["seconds"] = round(time.monotonic() - start, 2)
-            _write_atomically(done, json.dumps(summary, indent=2))
+            if primary:  # process 0's summary (a data-parallel generation stage merges the outputs there)
+                _write_atomically(done, json.dumps(summary, indent=2))
         except OSError as e:
             problem = _as_environment_problem(e, stage, run_dir)
             if problem is None:
                 raise
             raise problem from e
+        _sync(f"motab: stage {stage} finished")
+        if not primary:
+            summary = json.loads(done.read_text())
         log.info("stage %s: finished in %.1f s", stage, summary["seconds"])
         summaries[stage] = summary
     recorded = {s: json.loads(done_path(run_dir, s).read_text()) for s in STAGE_NAMES if done_path(run_dir, s).exists()}
     text = final_summary(recorded, time.monotonic() - job_start)
-    _write_atomically(run_dir / "results.md", text + "\n")
-    log.info("results written to %s", run_dir / "results.md")
+    if primary:
+        _write_atomically(run_dir / "results.md", text + "\n")
+        log.info("results written to %s", run_dir / "results.md")
+    _sync("motab: results written")
     return summaries

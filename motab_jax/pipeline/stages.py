@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import re
 from pathlib import Path
 from typing import Any, Iterator
@@ -22,12 +23,14 @@ from jax.sharding import Mesh
 from motab_jax.data import BatchIterator, Example, SFTDataset, build_sft_rows, read_examples
 from motab_jax.eval import EvalConfig, evaluate
 from motab_jax.eval.grading import GradingPool
-from motab_jax.jsonl import read_jsonl
+from motab_jax.eval.harness import finish_evaluation
+from motab_jax.jsonl import merge_shards, read_jsonl
 from motab_jax.models.factory import build_model
 from motab_jax.models.sharding import SAMPLING_RULES
 from motab_jax.motab import synthesize
 from motab_jax.motab.synthesize import parse_questions
 from motab_jax.pipeline.demo_data import write_demo_data
+from motab_jax.pipeline.multihost import gather_counts, generation_mesh, generation_plan, is_primary, wait_for_all
 from motab_jax.pipeline.policy_runs import PolicyRun, find_run, policy_runs
 from motab_jax.pipeline.stage_inputs import UnfinishedInput, done_path
 from motab_jax.pipeline.summary import results_entry
@@ -49,8 +52,18 @@ def _spec(config: Any, run_dir: Path, role: str) -> ml_collections.ConfigDict:
 
 
 def _demo_files(config: Any, run_dir: Path) -> dict[str, Path]:
+    """The demo's data files in run_dir/data, each replaced atomically: every process of a multi-host job writes
+    the same files while the others may be reading them."""
     d = config.data
-    return write_demo_data(run_dir / "data", d.demo_train, d.demo_held_out, config.seed, d.demo_pretrain)
+    scratch = run_dir / f"data.process{jax.process_index()}.tmp"
+    written = write_demo_data(scratch, d.demo_train, d.demo_held_out, config.seed, d.demo_pretrain)
+    (run_dir / "data").mkdir(exist_ok=True)
+    paths = {}
+    for name, path in written.items():
+        paths[name] = run_dir / "data" / path.name
+        os.replace(path, paths[name])
+    scratch.rmdir()
+    return paths
 
 
 def _questions_file(config: Any, run_dir: Path) -> Path | str:
@@ -131,6 +144,11 @@ def run_pretrain_stage(config: Any, run_dir: Path, mesh: Mesh) -> dict[str, Any]
 
 
 def run_synthesize_stage(config: Any, run_dir: Path, mesh: Mesh) -> dict[str, Any]:
+    """Every policy run's records in run_dir/synthesis_<run>.jsonl, in canonical order (question, sample index).
+    Across hosts (data_parallel, `pipeline.multihost`) each process synthesizes its shard of the trajectories on
+    its own devices; process 0 merges the shards once all have finished (the other processes return {})."""
+    plan = generation_plan(config)
+    mesh = generation_mesh(config, mesh)
     # Decoding stages place weights by the sampling rules (tensor parallel, no sharded contractions).
     teacher, tokenizer = build_model(_spec(config, run_dir, "teacher"), mesh, SAMPLING_RULES)
     student, student_tokenizer = build_model(_spec(config, run_dir, "student"), mesh, SAMPLING_RULES)
@@ -140,16 +158,34 @@ def run_synthesize_stage(config: Any, run_dir: Path, mesh: Mesh) -> dict[str, An
     except VocabularyMismatchError:  # the teacher judges the student's text (motab.cross_engine)
         tokenizer, teacher_tokenizer = student_tokenizer, tokenizer
     questions = _read_questions(_questions_file(config, run_dir), config.data.limit, config.data.question_fields)
-    summary = {}
-    for run in policy_runs(config):
+    runs = policy_runs(config)
+    new_records = []
+    for run in runs:
         section = dict(run.synthesis_section(config.synthesis.to_dict()),
                        output_path=str(run_dir / f"synthesis_{run.stem}.jsonl"))
         section["extra_stop_tokens"] = tuple(section["extra_stop_tokens"])
-        records = list(synthesize(student, teacher, tokenizer, questions, section, teacher_tokenizer=teacher_tokenizer))
-        done = read_jsonl(section["output_path"])
+        new_records.append(sum(1 for _ in synthesize(student, teacher, tokenizer, questions, section,
+                                                     teacher_tokenizer=teacher_tokenizer, shard=plan.shard)))
+    wait_for_all("synthesis: every shard written")  # a host that finished early waits here
+    new_records = gather_counts(new_records).sum(axis=0)
+    if not is_primary():
+        return {}
+    # Canonical order: the question file's, then sample index (also with one process, whose records are
+    # appended as slots finish), so the file depends only on the records.
+    position = {q.id: n for n, q in enumerate(parse_questions(questions))}
+    samples = int(config.synthesis.samples_per_question)
+    summary = {}
+    for run, new in zip(runs, new_records):
+        path = run_dir / f"synthesis_{run.stem}.jsonl"
+        done = merge_shards(path, ("id", "sample_index"), lambda r: (position.get(r["id"], len(position)), str(r["id"]),
+                                                                     r["sample_index"]))
+        if len(done) != len(position) * samples:
+            raise RuntimeError(f"{path}: {len(done)} records after every process finished, expected {len(position)} "
+                               f"questions x {samples} samples: a bug; please report it (rerun the same command to "
+                               "synthesize what is missing)")
         breached = [r for r in done if r["breach_step"]]
         summary[run.label] = {
-            "records": len(done), "new_records": len(records),
+            "records": len(done), "new_records": int(new),
             # None for policies that judge no step (teacher_only, student_only, skd_token).
             "breach_rate": len(breached) / max(len(done), 1) if run.judges_steps else None,
             "mean_root_cause_depth": float(np.mean([r["breach_step"] - r["root_step"] for r in breached]))
@@ -229,6 +265,11 @@ LOSS_PARAMS = {"beta": ("jsd",), "alpha": ("akl", "skew_kl", "skew_reverse_kl")}
 
 
 def run_eval_stage(config: Any, run_dir: Path, mesh: Mesh) -> dict[str, Any]:
+    """Every candidate model on every benchmark (run_dir/eval/<model>/). Across hosts (data_parallel) each process
+    samples and grades its shard of the samples on its own devices; process 0 merges them and summarises once
+    all have finished (the other processes return {})."""
+    plan = generation_plan(config)
+    mesh = generation_mesh(config, mesh)
     e = config.eval
     benchmarks = tuple(b.strip() for b in str(e.benchmarks).split(",") if b.strip())
     if config.data.questions == "demo":
@@ -246,11 +287,17 @@ def run_eval_stage(config: Any, run_dir: Path, mesh: Mesh) -> dict[str, Any]:
         if (folder / "config.json").exists():
             candidates[name] = _spec(config, run_dir, "student")
             candidates[name].path = str(folder)
-    results = {}
+    results, folders = {}, {}
     with GradingPool(num_workers=eval_config.grading_workers, item_timeout=eval_config.item_timeout) as pool:
         for name, spec in candidates.items():
             model, tokenizer = build_model(spec, mesh, SAMPLING_RULES)
-            folder = run_dir / "eval" / re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_")
-            results[name] = evaluate(model, tokenizer, folder, eval_config, progress=True, pool=pool)
+            folders[name] = run_dir / "eval" / re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_")
+            results[name] = evaluate(model, tokenizer, folders[name], eval_config, progress=True, pool=pool,
+                                     shard=plan.shard)
+    if plan.shard[1] > 1:
+        wait_for_all("eval: every shard graded")  # a host that finished early waits here
+        if not is_primary():
+            return {}
+        results = {name: finish_evaluation(folder, eval_config) for name, folder in folders.items()}
     # avg@k and the truncation / length fields per model and benchmark (results.md's tables).
     return {name: {b: results_entry(s) for b, s in r.items()} for name, r in results.items()}

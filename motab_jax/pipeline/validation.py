@@ -29,6 +29,7 @@ from motab_jax.motab.config import DEFAULTS as SYNTHESIS_DEFAULTS
 from motab_jax.motab.config import synthesis_problems
 from motab_jax.pipeline.memory import (available_memory, format_bytes, generation_pools, memory_breakdown,
                                       memory_hint)
+from motab_jax.pipeline.multihost import GENERATION_MODES, generation_problems
 from motab_jax.pipeline.inputs import input_problems, run_dir_problems
 from motab_jax.pipeline.policy_runs import policy_runs
 from motab_jax.pipeline.prompt_check import check_prompt_convention
@@ -141,17 +142,22 @@ def _data_problems(d: Any, stages: list[str]) -> list[str]:
     return problems
 
 
-# Stages whose host loop reads device results back (synthesis records, sampled evaluations, probes): they
-# need every array addressable from one process, so they run on one host for now.
-SINGLE_HOST_STAGES = ("models", "pretrain", "synthesize", "eval")
+# Stages that run on one host only: they load and probe (models) or pretrain the demo's models in process.
+SINGLE_HOST_STAGES = ("models", "pretrain")
 
 
-def multihost_problems(stages: list[str], process_count: int) -> list[str]:
+def multihost_problems(config: Any, stages: list[str], process_count: int) -> list[str]:
+    """Why `stages` cannot run across `process_count` processes: single-host stages, and the generation stages'
+    mode (`pipeline.multihost.generation_problems`) when their mesh cannot run it."""
+    mode = str(config.distributed.generation_mode)
+    if mode not in GENERATION_MODES:
+        return [f"distributed.generation_mode={mode!r}: accepted {', '.join(GENERATION_MODES)}"]
     if process_count == 1:
         return []
-    return [f"stages: {s!r} runs on one host only for now ({process_count} processes started); run it on one "
-            "host (e.g. --config.stages=synthesize with distributed.num_processes=1), then sft / kd across hosts"
-            for s in stages if s in SINGLE_HOST_STAGES]
+    problems = [f"stages: {s!r} runs on one host only ({process_count} processes started); run it on one host "
+                "(e.g. --config.stages=models with distributed.num_processes=1), then the other stages across hosts"
+                for s in stages if s in SINGLE_HOST_STAGES]
+    return problems + generation_problems(config, stages, process_count)
 
 
 def validate_config(config: Any) -> list[str]:
@@ -194,7 +200,7 @@ def validate_config(config: Any) -> list[str]:
             problems += _training_problems(merged, f"pretrain.{role}")
     problems += _kd_problems(config.kd, runs, stages)
     problems += _eval_problems(config.eval, str(config.data.questions) == "demo")
-    problems += multihost_problems(stages, jax.process_count())
+    problems += multihost_problems(config, stages, jax.process_count())
     return problems
 
 

@@ -1,0 +1,182 @@
+"""Synthesis and evaluation across hosts (JAX multi-controller: one process per host, `jax.distributed`).
+
+`distributed.generation_mode` (configs/base.py holds the default) says how the generation stages use the hosts:
+
+- "data_parallel": every process runs its own engine on its own devices (a mesh of its local devices, with the
+  run's `mesh.fsdp` x `mesh.tensor` model-parallel group and the rest as engine groups) over a deterministic
+  shard of the work: trajectory / sample n = question position x samples + sample index belongs to process
+  n % process_count. Each process appends to its own shard file (`jsonl.shard_path`), resumable as a one-host
+  run; a host that finishes early waits at a barrier (`wait_for_all`); then process 0 merges the shards into
+  the stage's single output, in canonical order (`jsonl.merge_shards`). Random keys come from (seed, question
+  position, sample index), so the merged records are a one-host run's. No device collective runs during
+  generation: the only traffic is the barrier and the shared file system.
+- "global_mesh": one engine over a mesh spanning the hosts (a model that needs several hosts' memory). Not
+  implemented yet: validation refuses it (`generation_problems`) with what to do instead.
+- "auto": data_parallel when the model-parallel group (mesh.fsdp x mesh.tensor devices, which holds one copy of
+  each model) fits inside one host's devices, global_mesh otherwise.
+
+Every process must see one run directory (`check_shared_run_dir`): the shards, the merged files and the stage
+markers are files there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import random
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from motab_jax.errors import EnvironmentProblem
+from motab_jax.models.sharding import MeshConfig, make_mesh
+
+log = logging.getLogger("motab_jax")
+
+GENERATION_MODES = ("auto", "data_parallel", "global_mesh")
+GENERATION_STAGES = ("synthesize", "eval")
+# How long a process that finished its shard waits for the others (the slowest host's shard can take hours).
+BARRIER_TIMEOUT_S = 7 * 24 * 3600
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationPlan:
+    """How the generation stages of this job use its processes."""
+
+    mode: str  # "one_process", "data_parallel" or "global_mesh"
+    why: str  # the arithmetic behind the choice (logged, and quoted by validation)
+    shard: tuple[int, int] = (0, 1)  # (this process's index, count) in the work queue's split
+    local_mesh: tuple[int, int, int] | None = None  # data, fsdp, tensor of each host's mesh (data_parallel)
+
+
+def plan_generation(mode: str, mesh: MeshConfig, *, process_index: int, process_count: int, device_count: int,
+                    local_device_count: int) -> GenerationPlan:
+    """The plan for `mode` (one of GENERATION_MODES) with the run's `mesh` over `device_count` devices, of which
+    `local_device_count` are this process's. Raises ValueError naming the field and the arithmetic when `mode`
+    cannot run with this mesh."""
+    if mode not in GENERATION_MODES:
+        raise ValueError(f"distributed.generation_mode={mode!r}: accepted {', '.join(GENERATION_MODES)}")
+    if process_count == 1:
+        return GenerationPlan("one_process", "one process")
+    data, fsdp, tensor = mesh.shape(device_count)
+    group = fsdp * tensor
+    fits = local_device_count % group == 0
+    arithmetic = (f"one copy of the models spans mesh.fsdp={fsdp} x mesh.tensor={tensor} = {group} device(s); a host "
+                  f"has {local_device_count} ({process_count} processes, {device_count} devices)")
+    if mode == "auto":
+        mode = "data_parallel" if fits else "global_mesh"
+        arithmetic += (f": {group} divides {local_device_count}, so each host runs its own engine" if fits else
+                       f": {group} does not divide {local_device_count}, so the engine spans hosts")
+    if mode == "data_parallel":
+        if not fits:
+            raise ValueError(f"distributed.generation_mode='data_parallel' runs one engine per host, but {arithmetic}: "
+                             f"set mesh.fsdp x mesh.tensor to a divisor of {local_device_count} (e.g. mesh.tensor="
+                             f"{local_device_count}, mesh.fsdp=1), or generation_mode='global_mesh'")
+        local = (local_device_count // group, fsdp, tensor)
+        why = (f"{arithmetic}; each of the {process_count} processes runs {local[0]} engine group(s) on a local mesh "
+               f"data={local[0]} x fsdp={fsdp} x tensor={tensor} over 1/{process_count} of the work")
+        return GenerationPlan("data_parallel", why, (process_index, process_count), local)
+    return GenerationPlan("global_mesh", f"{arithmetic}; one engine over the global mesh data={data} x fsdp={fsdp} x "
+                                         f"tensor={tensor}")
+
+
+def generation_plan(config: Any) -> GenerationPlan:
+    """`plan_generation` for this job's config and processes."""
+    return plan_generation(str(config.distributed.generation_mode), MeshConfig(**config.mesh),
+                           process_index=jax.process_index(), process_count=jax.process_count(),
+                           device_count=jax.device_count(), local_device_count=jax.local_device_count())
+
+
+def generation_problems(config: Any, stages: list[str], process_count: int) -> list[str]:
+    """Why the generation stages of `stages` cannot run across `process_count` processes (empty when they can)."""
+    if process_count == 1 or not set(GENERATION_STAGES) & set(stages):
+        return []
+    try:
+        MeshConfig(**config.mesh).shape(jax.device_count())
+    except (ValueError, TypeError):
+        return []  # validation reports the mesh itself
+    try:
+        plan = generation_plan(config)
+    except ValueError as e:
+        return [str(e)]
+    if plan.mode == "global_mesh":
+        return [f"distributed.generation_mode={config.distributed.generation_mode!r}: {plan.why}; one engine over a "
+                "mesh spanning hosts is not implemented yet: give each copy of the models at most one host's devices "
+                "(mesh.fsdp x mesh.tensor dividing a host's device count) with generation_mode='data_parallel', or "
+                "run synthesize / eval on one host (distributed.num_processes=1)"]
+    return []
+
+
+def generation_mesh(config: Any, mesh: Mesh) -> Mesh:
+    """The mesh the generation stages place their models on: in data_parallel mode a mesh of this process's own
+    devices (`GenerationPlan.local_mesh`), else `mesh` (the job's)."""
+    plan = generation_plan(config)
+    if plan.mode != "data_parallel":
+        return mesh
+    data, fsdp, tensor = plan.local_mesh
+    return make_mesh(MeshConfig(data=data, fsdp=fsdp, tensor=tensor), devices=jax.local_devices())
+
+
+def is_primary() -> bool:
+    """Process 0: the one that writes the stage's merged outputs and markers."""
+    return jax.process_index() == 0
+
+
+_barrier_count = itertools.count()
+
+
+def wait_for_all(name: str, timeout_s: float = BARRIER_TIMEOUT_S) -> None:
+    """Block until every process reaches this point (nothing with one process).
+
+    The coordination service's barrier, not a device collective: a host that finished its shard early can wait
+    for hours without a collective timing out, and no accelerator is busy meanwhile. Every process must call
+    the same barriers in the same order (their ids are numbered)."""
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed  # the client of jax.distributed.initialize: no public barrier with a timeout
+
+    client = distributed.global_state.client
+    if client is None:  # initialised some other way: a device collective (as the runner's stage barriers)
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+        return
+    client.wait_at_barrier(f"motab:{next(_barrier_count)}:{name}", int(timeout_s * 1000))
+
+
+def gather_counts(values: list[int]) -> np.ndarray:
+    """[process_count, len(values)]: every process's `values` (a collective; call it after `wait_for_all`)."""
+    local = np.asarray(values, np.int64)
+    if jax.process_count() == 1:
+        return local[None]
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(local)).reshape(jax.process_count(), -1)
+
+
+def check_shared_run_dir(run_dir: Path) -> None:
+    """Raise `EnvironmentProblem` unless every process sees the files process 0 writes into `run_dir`."""
+    if jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    token = np.uint32(random.getrandbits(31) if is_primary() else 0)
+    token = int(multihost_utils.broadcast_one_to_all(token))
+    probe = Path(run_dir) / "stages" / f".shared-{token:08x}"
+    if is_primary():
+        probe.write_text("written by process 0 to check that every host sees this run directory\n")
+    wait_for_all("run_dir probe written")
+    seen = np.asarray(multihost_utils.process_allgather(np.asarray(probe.exists()))).reshape(-1)
+    wait_for_all("run_dir probe read")
+    if is_primary():
+        probe.unlink(missing_ok=True)
+    if not seen.all():
+        blind = [int(i) for i in np.flatnonzero(~seen)]
+        raise EnvironmentProblem(
+            f"run_dir={str(run_dir)!r}: process(es) {blind} of {len(seen)} do not see the files process 0 writes there; "
+            "a multi-host job needs one run directory shared by every host (NFS, Filestore, Lustre, gcsfuse): give a "
+            "run_dir on a file system every host mounts at the same path")
