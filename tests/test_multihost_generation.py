@@ -1,0 +1,209 @@
+"""Synthesis and evaluation across processes (`motab_jax.pipeline.multihost`, data-parallel mode).
+
+Fast: the mode's arithmetic, how the work queue is split, and the merge of shard files. Slow: `run.py` as two
+localhost processes (4 CPU devices each, gloo collectives, as tests/test_multihost.py) against a one-process run of
+the same job: the same records and samples byte for byte, also after both processes were killed mid-synthesis and
+relaunched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from configs import demo
+from motab_jax.jsonl import append_records, merge_shards, read_jsonl, shard_files, shard_path
+from motab_jax.models.sharding import MeshConfig
+from motab_jax.pipeline.multihost import plan_generation
+from motab_jax.pipeline.validation import multihost_problems
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------------------------ fast
+def _plan(mode: str = "auto", processes: int = 2, index: int = 1, local: int = 4, **mesh):
+    return plan_generation(mode, MeshConfig(**mesh), process_index=index, process_count=processes,
+                           device_count=processes * local, local_device_count=local)
+
+
+def test_generation_mode_follows_the_model_parallel_group():
+    assert _plan(processes=1, index=0).mode == "one_process"
+    plan = _plan()  # mesh data=-1: one device per copy of the models, 4 engine groups per host
+    assert (plan.mode, plan.shard, plan.local_mesh) == ("data_parallel", (1, 2), (4, 1, 1))
+    assert _plan("data_parallel", data=2, tensor=4).local_mesh == (1, 1, 4)  # each host holds one whole copy
+    assert _plan(fsdp=2, tensor=2, processes=4, index=3).local_mesh == (1, 2, 2)
+    wide = _plan(tensor=8)  # a copy over 8 devices: more than a host's 4
+    assert wide.mode == "global_mesh" and "8 does not divide 4" in wide.why
+    with pytest.raises(ValueError, match=r"mesh\.fsdp=1 x mesh\.tensor=8 = 8 device\(s\); a host has 4 .*"
+                                         r"set mesh\.fsdp x mesh\.tensor to a divisor of 4"):
+        _plan("data_parallel", tensor=8)
+    with pytest.raises(ValueError, match=r"generation_mode='pipeline': accepted auto, data_parallel, global_mesh"):
+        _plan("pipeline")
+
+
+def test_generation_mode_is_validated():
+    config = demo.get_config()
+    config.distributed.generation_mode = "pipeline"
+    assert multihost_problems(config, ["synthesize"], 1) == [
+        "distributed.generation_mode='pipeline': accepted auto, data_parallel, global_mesh"]
+
+
+def test_shards_split_the_trajectories_once_with_global_positions():
+    """Every (question, sample) pair is in exactly one process's queue, under its one-process position (its key)."""
+    from motab_jax.motab.config import resolve_config
+    from motab_jax.motab.synthesize import _pending, parse_questions
+    from motab_jax.text import byte_level_tokenizer
+
+    items = parse_questions([{"id": f"q{i}", "problem": f"{i} + {i}?"} for i in range(7)])
+    cfg = resolve_config({"samples_per_question": 3, "output_path": ""})
+    tokenizer = byte_level_tokenizer()
+    whole, _ = _pending(items, tokenizer, cfg)
+    for count in (2, 3, 5):
+        queues = [_pending(items, tokenizer, cfg, (index, count))[0] for index in range(count)]
+        assert sorted(pair for queue in queues for pair in queue) == sorted(whole)
+        assert max(len(q) for q in queues) - min(len(q) for q in queues) <= 1  # uneven by at most one
+
+
+def test_merge_of_shards_is_canonical_whatever_the_split(tmp_path):
+    """Shards written in any finishing order, one of them torn by a kill, a pair redone by another process: the
+    merged file is the canonical one, and the shards are gone."""
+    position = {f"q{i}": i for i in range(6)}
+    records = [{"id": q, "sample_index": r, "text": f"{q}/{r}"} for q in position for r in range(2)]
+    canonical = sorted(records, key=lambda x: (position[x["id"]], x["sample_index"]))
+    order = lambda x: (position[x["id"]], x["sample_index"])  # noqa: E731
+    rng = random.Random(0)
+    merged = {}
+    for count in (1, 2, 3):
+        path = tmp_path / f"split{count}" / "synthesis_motab.jsonl"
+        for index in range(count):
+            mine = [x for n, x in enumerate(records) if n % count == index]
+            rng.shuffle(mine)
+            list(append_records(shard_path(path, index, count), mine))
+        if count == 3:
+            list(append_records(shard_path(path, 0, 3), [records[1]]))  # redone by process 0: one copy is kept
+            with open(shard_path(path, 2, 3), "a") as f:
+                f.write('{"id": "q9", "sampl')  # a killed writer's last line
+        # Another run's files in the folder are not shards of this one.
+        (path.parent / "synthesis_motab_no_stitch.part-0-of-2.jsonl").write_text('{"id": "x", "sample_index": 0}\n')
+        (path.parent / "synthesis_motab.jsonl.part-0-of-2").write_text("not a shard\n")
+        assert len(shard_files(path)) == (0 if count == 1 else count)
+        merge_shards(path, ("id", "sample_index"), order)
+        merged[count] = path.read_bytes()
+        assert read_jsonl(path) == canonical and shard_files(path) == []
+    assert merged[1] == merged[2] == merged[3]
+
+
+# ------------------------------------------------------------------------------------------------ slow
+# A small job: random-initialised demo models, MOTAB sampled (temperature 0.6) and teacher-only greedy, evaluation
+# greedy on the demo's held-out problems.
+JOB = {"stages": "synthesize,eval", "policies": "motab,teacher_only@teacher_temperature=0", "data.demo_train": 8,
+       "data.demo_held_out": 6, "synthesis.samples_per_question": 2, "synthesis.traj_cap": 24,
+       "synthesis.num_slots": 4, "synthesis.iterations_per_sync": 4, "eval.max_new_tokens": 16, "eval.batch_size": 4}
+OUTPUTS = ("synthesis_motab.jsonl", "synthesis_teacher_only_teacher_temperature0.jsonl",
+           "eval/teacher/held_out.samples.jsonl", "eval/student_before/held_out.samples.jsonl",
+           "eval/teacher/summary.json", "eval/student_before/summary.json")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _commands(run: Path, processes: int) -> list[tuple[list[str], dict[str, str]]]:
+    """run.py for each process of a job over 8 CPU devices in all."""
+    base = [sys.executable, "run.py", f"--config.run_dir={run}"] + [f"--config.{k}={v}" for k, v in JOB.items()]
+    port = _free_port()
+    out = []
+    for i in range(processes):
+        env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_DEFAULT_MATMUL_PRECISION="highest",
+                   XLA_FLAGS=f"--xla_force_host_platform_device_count={8 // processes}")
+        extra = [] if processes == 1 else [f"--config.distributed.num_processes={processes}",
+                                           f"--config.distributed.coordinator_address=localhost:{port}",
+                                           f"--config.distributed.process_id={i}"]
+        out.append((base + extra, env))
+    return out
+
+
+def _start(run: Path, processes: int) -> list[subprocess.Popen]:
+    return [subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for command, env in _commands(run, processes)]
+
+
+def _finish(procs: list[subprocess.Popen]) -> None:
+    for proc in procs:
+        out, _ = proc.communicate(timeout=900)
+        assert proc.returncode == 0, out[-4000:]
+
+
+def _run(run: Path, processes: int) -> float:
+    start = time.monotonic()
+    _finish(_start(run, processes))
+    return time.monotonic() - start
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> tuple[Path, float]:
+    run = tmp_path_factory.mktemp("one") / "run"
+    return run, _run(run, 1)
+
+
+def _assert_same_outputs(run: Path, reference: Path) -> None:
+    for name in OUTPUTS:
+        assert (run / name).read_bytes() == (reference / name).read_bytes(), name
+    assert not list(run.glob("**/*.part-*-of-*.jsonl"))
+    keys = [(r["id"], r["sample_index"]) for r in read_jsonl(run / "synthesis_motab.jsonl")]
+    assert len(keys) == len(set(keys)) == 16
+    assert (run / "results.md").read_text().split("## Stages")[0] == \
+        (reference / "results.md").read_text().split("## Stages")[0]
+
+
+@pytest.mark.slow
+def test_two_processes_synthesize_and_evaluate_as_one(one_process, tmp_path):
+    reference, one_seconds = one_process
+    run = tmp_path / "run"
+    two_seconds = _run(run, 2)
+    _assert_same_outputs(run, reference)
+    log = (run / "run.log").read_text()
+    assert "synthesize / eval: data_parallel" in log and "local mesh data=4 x fsdp=1 x tensor=1" in log
+    assert (run / "run.process1.log").exists()
+    print(f"\nwall time, cold compilation cache: one process (8 devices) {one_seconds:.0f} s, two processes "
+          f"(4 + 4 devices) {two_seconds:.0f} s: ratio {two_seconds / one_seconds:.2f}")
+
+
+def _lines(path: Path) -> int:
+    return path.read_bytes().count(b"\n") if path.exists() else 0
+
+
+@pytest.mark.slow
+def test_killed_two_process_job_resumes_to_the_same_outputs(one_process, tmp_path):
+    """Both processes SIGKILLed once their MOTAB shards hold records, then relaunched: the merged outputs equal
+    the one-process run's, with every trajectory once."""
+    reference, _ = one_process
+    run = tmp_path / "run"
+    shards = [shard_path(run / "synthesis_motab.jsonl", i, 2) for i in range(2)]
+    procs = _start(run, 2)
+    deadline = time.monotonic() + 600
+    while not all(_lines(s) >= 1 for s in shards) and time.monotonic() < deadline:
+        assert all(p.poll() is None for p in procs), "the job ended before it could be killed"
+        time.sleep(0.02)
+    for proc in procs:
+        proc.send_signal(signal.SIGKILL)
+    for proc in procs:
+        proc.communicate()
+    written = sum(_lines(s) for s in shards)
+    assert 2 <= written < 16 and not (run / "synthesis_motab.jsonl").exists()
+    assert not (run / "stages" / "synthesize.done").exists()
+    _finish(_start(run, 2))
+    _assert_same_outputs(run, reference)
+    summary = json.loads((run / "stages" / "synthesize.done").read_text())
+    assert summary["motab"]["records"] == 16 and summary["motab"]["new_records"] == 16 - written
