@@ -13,11 +13,12 @@ import pytest
 
 import motab_jax
 from cross_reference import CrossSettings, cross_reference
+from test_motab_engine import _generated
 from motab_jax.models.config import ModelConfig
 from motab_jax.models.loading import init_random
 from motab_jax.models.transformer import param_values, set_param_values
 from motab_jax.sampling.generate import default_stop_tokens
-from motab_jax.text import qwen_tokenizer
+from motab_jax.text import qwen_tokenizer, special_token_mask
 from motab_jax.text.prompts import question_prompt
 
 SETTINGS = dict(num_slots=3, samples_per_question=1, traj_cap=48, step_cap=8, max_prompt_len=32, teacher_min_budget=6,
@@ -87,7 +88,10 @@ def test_cross_vocabulary_synthesis_equals_the_text_level_reference(policy):
                 np.testing.assert_allclose(v, wv, rtol=1e-4)
                 np.testing.assert_allclose(e, we, rtol=1e-4, atol=1e-12)
                 np.testing.assert_allclose(h, wh, atol=1e-4)
-        assert _segment_ids(got, "student") == want["record_student_ids"], q
+        assert _generated(got, "student") == want["record_student_ids"], q
+        # No special student id inside the record (motab.stitching); the record's last id may be its EOS.
+        ids = [t for s in got["segments"] for t in s["token_ids"]]
+        assert not special_token_mask(s_tok)[ids[:-1]].any(), q
         assert _segment_ids(got, "teacher", "teacher_token_ids") == want["teacher_ids"], q
         # Teacher text reaches SFT as the student's encoding of that text, never as teacher ids.
         for segment in got["segments"]:
@@ -189,15 +193,22 @@ def test_the_teachers_continuation_follows_its_distribution():
 
 
 def test_text_level_synthesis_runs_the_slots_whose_full_caches_fit():
-    """This path gives each slot pages for its whole capacity, so the memory left by the weights caps the slots."""
-    from motab_jax.motab.cross_engine import _slots_that_fit
+    """This path gives each slot pages for its whole capacity, so the memory left by the weights caps the slots;
+    not even one slot is a MemoryError naming the arithmetic."""
+    from motab_jax.motab.cross_engine import slots_plan
+    from motab_jax.motab.cross_sizing import TokenRatio
     from motab_jax.motab.pool import GIB, weight_bytes
 
     student, teacher, _, _ = _pair()
     weights = weight_bytes(student, teacher) / GIB
-    fits = {gb: _slots_that_fit(64, student, teacher, 48, 120, 16, {"memory_budget_gb": gb})
-            for gb in (weights + 1e-4, weights + 1e-3, weights + 10)}  # the tiny pair: ~44 KB per slot
+    cfg = dict(SETTINGS, page_size=16)
+    ratio = TokenRatio(1.0, 1.0, 1, "test")
+    fits = {gb: slots_plan(dict(cfg, memory_budget_gb=gb), student, teacher, ratio, wanted=64).slots
+            for gb in (weights + 1e-4, weights + 1e-3, weights + 10)}  # the tiny pair: ~50 KB per slot
     assert fits[weights + 10] == 64  # plenty: what was asked for
     assert 1 <= fits[weights + 1e-4] < fits[weights + 1e-3] < 64
-    with pytest.raises(MemoryError, match="KV pages per slot"):
-        _slots_that_fit(64, student, teacher, 48, 120, 16, {"memory_budget_gb": weights + 1e-7})
+    # Two engine groups split the budget (each holds a copy of the weights).
+    assert slots_plan(dict(cfg, memory_budget_gb=2 * (weights + 1e-3)), student, teacher, ratio, wanted=64,
+                      groups=2).slots == fits[weights + 1e-3]
+    with pytest.raises(MemoryError, match=r"KV pages per slot \(student 114 \+ teacher 162 positions"):
+        slots_plan(dict(cfg, memory_budget_gb=weights + 1e-7), student, teacher, ratio, wanted=64)

@@ -112,3 +112,116 @@ def test_estimate_tracks_xla_temp_buffers_of_a_compiled_train_step(remat, impl):
     estimate = training_activation_bytes(cfg, rows, length, remat, impl, compute_bytes=4, chunk_size=chunk)
     estimate += 4 * cfg.num_params
     assert 0.5 < estimate / temp < 2.0, (estimate, temp)
+
+
+# ------------------------------------------------------------------------------ text-level synthesis (cross path)
+# Llama-3.2-3B-Instruct's shape (tied embeddings).
+LLAMA3P2_3B = dict(model_type="llama", vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_layers=28,
+                   num_heads=24, num_kv_heads=8, head_dim=128, tie_word_embeddings=True)
+
+
+def test_the_token_ratio_is_the_measured_one_on_math_500():
+    """Teacher tokens per student token on the bundled MATH-500 solutions: Qwen (teacher) over Llama 3 (student) is
+    1.046 pooled over all 500, 1.40 on the worst solution (../shared/CROSS_TOKENIZER.md section 2, measured with
+    the released tokenizers); a tokenizer against itself is 1."""
+    from motab_jax.models.factory import make_tokenizer
+    from motab_jax.motab.cross_sizing import BUNDLED_SOURCE, measure_token_ratio, ratio_texts
+
+    qwen, llama = make_tokenizer("qwen3"), make_tokenizer("llama3")
+    source, texts = ratio_texts([], n=500)
+    assert source == BUNDLED_SOURCE and len(texts) == 500
+    ratio = measure_token_ratio(llama, qwen, texts, source)
+    assert ratio.pooled == pytest.approx(1.046, abs=5e-4) and ratio.worst == pytest.approx(1.40, abs=5e-3)
+    assert measure_token_ratio(qwen, qwen, texts[:8], source).for_caches == 1.0
+    # The job's own solutions when its questions carry them.
+    source, texts = ratio_texts([{"problem": "p", "solution": "x = 12345"}, {"problem": "q"}])
+    assert texts == ["x = 12345"] and "the job's first 1 questions" in source
+
+
+def _cross_config(budget_gb: float) -> ml_collections.ConfigDict:
+    """The demo with a Qwen-vocabulary teacher and the byte-level student (as tests/test_run.py's cross pair)."""
+    from configs import demo
+
+    config = demo.get_config()
+    config.teacher.tokenizer = "qwen3"
+    config.teacher.init.vocab_size = 151669
+    config.stages, config.policies = "synthesize,sft,eval", "motab"
+    config.synthesis.memory_budget_gb = budget_gb
+    return config
+
+
+def test_the_preflight_reports_the_text_paths_ratio_and_slots_and_refuses_when_none_fits(caplog):
+    """A teacher with another tokenizer: the preflight measures the token ratio on the job's questions (the demo's
+    carry solutions), reports the slots `cross_sizing` gives (the engine's own rule) and refuses a budget where not
+    even one slot fits, before any weights load."""
+    import logging
+
+    from motab_jax.models.factory import make_tokenizer
+    from motab_jax.motab.cross_sizing import measure_token_ratio, plan_text_path
+    from motab_jax.pipeline.demo_data import write_demo_data
+    from motab_jax.jsonl import read_jsonl
+
+    config = _cross_config(16.0)  # over the demo's 8 engine groups (mesh.data = -1 on 8 host devices)
+    with caplog.at_level(logging.INFO, logger="motab_jax"):
+        assert preflight(config) == []
+    log = caplog.text
+    demo_rows = read_jsonl(write_demo_data(str(_tmp_dir()), train=32, held_out=0, seed=config.seed)["train"])
+    want = measure_token_ratio(make_tokenizer("byte_level"), make_tokenizer("qwen3"),
+                               [r["solution"] for r in demo_rows], "demo")
+    assert 0.2 < want.for_caches < 0.8  # byte-level student: several bytes per Qwen token
+    assert f"sized for {want.for_caches:.3f}" in log and "the job's first 32 questions" in log
+    match = re.search(r"text-level synthesis runs (\d+) of (\d+) slots: each slot holds ([\d.e-]+) GiB .*"
+                      r"\(student (\d+) \+ teacher (\d+) positions\)", log)
+    assert match, log
+    slots, wanted, _, student_len, teacher_len = map(float, match.groups())
+    s = config.synthesis
+    assert wanted == s.num_slots and student_len == 64 * -(-s.max_prompt_len // 64) + s.traj_cap + 2
+    assert teacher_len == -(-want.for_caches * student_len // 1) + max(s.teacher_min_budget, s.traj_cap)
+    # A budget the weights nearly fill: not even one slot, refused with the arithmetic.
+    caplog.clear()
+    teacher_cfg, student_cfg = (ModelConfig(**dict(config[r].init)) for r in ("teacher", "student"))
+    weights = (teacher_cfg.num_params + student_cfg.num_params) * 4 / 2**30  # the demo's float32 weights
+    plan = plan_text_path(dict(s), student_cfg, teacher_cfg, want.for_caches, wanted=s.num_slots, free_bytes=1.0,
+                          where="")
+    config = _cross_config(8 * (weights + 0.5 * plan.slot_bytes / 2**30))
+    problems = [p for p in preflight(config) if p.startswith("memory: stage synthesize")]
+    assert len(problems) == 1 and re.match(r"memory: stage synthesize: text-level synthesis needs [\d.e-]+ GiB of KV "
+                                           r"pages per slot \(student \d+ \+ teacher \d+ positions", problems[0])
+
+
+def _tmp_dir():
+    import tempfile
+
+    return tempfile.mkdtemp()
+
+
+@pytest.mark.parametrize("pair", ["gptoss120b_to_qwen3_4b", "qwen3_32b_to_llama3p2_3b"])
+def test_the_paper_pairs_text_path_fits_a_v5p_8_and_not_two_80gb_gpus(pair):
+    """The released shapes with the measured ratios (MATH-500, 32 solutions: o200k/Qwen 1.05 on the worst text,
+    Qwen/Llama 3 1.21): on a TPU v5p-8 (4 x 95 GB) the text path runs a dozen slots at the paper's lengths (32K
+    trajectories; it still holds every slot at full capacity); 2 x 80 GB do not hold the 120b teacher at all."""
+    import importlib
+
+    from motab_jax.motab.cross_sizing import TokenRatio
+    from motab_jax.pipeline.memory import text_path_plan
+    from motab_jax.pipeline.validation import memory_problems
+    from test_engine_paged import QWEN3_4B, QWEN3_32B
+    from test_gpt_oss import _released
+
+    config = importlib.import_module(f"configs.{pair}").get_config()
+    if pair.startswith("gptoss"):
+        teacher, student, ratio = _released(36, 128), ModelConfig(**QWEN3_4B), TokenRatio(0.965, 1.050, 32, "MATH-500")
+    else:
+        teacher, student = ModelConfig(**QWEN3_32B), ModelConfig(**LLAMA3P2_3B)
+        ratio = TokenRatio(1.050, 1.212, 32, "MATH-500")
+    v5p_8 = 4 * 95e9
+    assert memory_problems(config, teacher, student, ["synthesize", "eval"], v5p_8, ratio) == []
+    plan = text_path_plan(config, teacher, student, ratio, v5p_8)
+    assert 8 <= plan.slots < config.synthesis.num_slots, plan.describe()
+    assert plan.student_len == 2048 + 32768 + 2 and plan.teacher_len == -(-ratio.worst * plan.student_len // 1) + 32768
+    # Twice the slots with twice the memory left after the weights (up to rounding).
+    more = text_path_plan(config, teacher, student, ratio, v5p_8 + plan.free_bytes)
+    assert abs(more.slots - 2 * plan.slots) <= 1
+    if pair.startswith("gptoss"):
+        problems = memory_problems(config, teacher, student, ["synthesize"], 2 * 80e9, ratio)
+        assert problems and problems[0].startswith("memory: stage synthesize: text-level synthesis needs")

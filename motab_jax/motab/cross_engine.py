@@ -13,9 +13,11 @@ ends a step (`cross_device.decode`); the host turns every finished step into tex
 incremental encoding, incomplete UTF-8 held back); one batched teacher `feed` scores them all; the host judges in
 order (the policy's own `boundary` / `judge` and `transition.root_cause`); breaching slots rewind their text to
 the safe state and the teacher writes (`decode` in its vocabulary) the rest, or one step for one-step policies.
-Limits of this first version: one engine group (on a mesh, the devices of data index 0; the models are tensor
-parallel within it); the pools hold every slot at full length (no admission by free pages, no preemption); the
-host loop waits for each phase (no exploration past an unscored step); the teacher decodes without drafts.
+Cache sizes and slot count: `cross_sizing` (the teacher's caches from the measured teacher/student token ratio;
+the slots whose full-capacity caches fit), the rule the preflight reports. Limits of this first version: one engine
+group (on a mesh, the devices of data index 0; the models are tensor parallel within it); the pools hold every slot
+at full length (no admission by free pages, no preemption); the host loop waits for each phase (no exploration past
+an unscored step); the teacher decodes without drafts.
 """
 
 from __future__ import annotations
@@ -30,14 +32,15 @@ import numpy as np
 from flax import nnx
 
 from motab_jax.models.loading import resharded
-from motab_jax.models.paged_cache import PageAllocator, kv_bytes_per_token
+from motab_jax.models.paged_cache import PageAllocator
 from motab_jax.models.sharding import SAMPLING_RULES, data_groups
 from motab_jax.models.transformer import Decoder
 from motab_jax.motab.cross_device import RUNNING, STOP_BUDGET, STOP_EOS, DecodeRows, decode, feed
 from motab_jax.motab.cross_records import StepRecord, build_cross_record
+from motab_jax.motab.cross_sizing import TextPathPlan, TokenRatio, measure_token_ratio, plan_text_path, ratio_texts
 from motab_jax.motab.driver import model_mesh
 from motab_jax.motab.engine import EngineSpec
-from motab_jax.motab.pool import GIB, WORKSPACE_FRACTION, device_memory, pages_for, weight_bytes
+from motab_jax.motab.pool import GIB, device_memory, memory_over_devices, weight_bytes
 from motab_jax.motab.state import FINISH_EOS, FINISH_LENGTH, FINISH_MAX_STEPS, FINISH_TEACHER_BUDGET
 from motab_jax.motab.transition import EngineTables, root_cause
 from motab_jax.sampling.sampler import bucket
@@ -70,6 +73,11 @@ class _Side:
     tokenizer: Any
     text_bytes: list[bytes]  # what each id adds to the context text (special tokens: nothing, as a detokenizer)
     held: list[list[int]]
+
+    @property
+    def capacity(self) -> int:
+        """Positions one slot's cache addresses."""
+        return self.pages.pages_per_seq * self.pages.page_size
 
     @classmethod
     def build(cls, model: Decoder, tokenizer: Any, num_slots: int, max_len: int, page_size: int, delimiter: str,
@@ -156,32 +164,37 @@ class _Trajectory:
     interventions: int = 0
     teacher_forwards: int = 0
     finish: int = 0
+    at_capacity: bool = False  # ended because the teacher's context reached its cache's capacity
 
 
 def run_cross_engine(spec: EngineSpec, student: Decoder, teacher: Decoder, student_tokenizer: Any,
                      teacher_tokenizer: Any, jobs: Sequence[CrossJob], cfg: Mapping[str, Any], *,
                      student_eos: Sequence[int], teacher_eos: Sequence[int],
-                     stats: EncoderStats | None = None) -> Iterator[tuple[CrossJob, dict[str, Any]]]:
-    """Run every job; yields (job, record fields) as trajectories finish (see `cross_records`)."""
+                     stats: EncoderStats | None = None, ratio_sample: tuple[str, Sequence[str]] | None = None
+                     ) -> Iterator[tuple[CrossJob, dict[str, Any]]]:
+    """Run every job; yields (job, record fields) as trajectories finish (see `cross_records`). `ratio_sample`:
+    (where from, texts) to measure the teacher/student token ratio on (`cross_sizing.ratio_texts`; default the
+    bundled MATH-500 solutions)."""
     policy = spec.policy
+    groups = data_groups(model_mesh(student)) if model_mesh(student) is not None else 1
     student, teacher = _first_group(student), _first_group(teacher)
     page = int(cfg["page_size"])
-    student_len = bucket(cfg["max_prompt_len"]) + spec.traj_cap + 2
-    # Teacher context: its prompt plus the trajectory re-encoded (the ratio of teacher to student tokens is about
-    # 1 on the paper's pairs, up to 1.4 on the worst texts), plus the teacher's own continuation.
-    teacher_len = 2 * student_len + max(spec.teacher_min_budget, spec.traj_cap)
-    num_slots = _slots_that_fit(min(int(cfg["num_slots"]), len(jobs)), student, teacher, student_len, teacher_len,
-                                page, cfg)
+    source, texts = ratio_sample or ratio_texts(())
+    ratio = measure_token_ratio(student_tokenizer, teacher_tokenizer, texts, source)
+    log.info("cross-vocabulary synthesis: %s", ratio.describe())
+    plan = slots_plan(cfg, student, teacher, ratio, wanted=min(int(cfg["num_slots"]), len(jobs)), groups=groups)
+    num_slots = plan.slots
     sides = {
-        "student": _Side.build(student, student_tokenizer, num_slots, student_len, page, cfg["delimiter"],
+        "student": _Side.build(student, student_tokenizer, num_slots, plan.student_len, page, cfg["delimiter"],
                                student_eos, cfg["paged_impl"]),
-        "teacher": _Side.build(teacher, teacher_tokenizer, num_slots, teacher_len, page, cfg["delimiter"],
+        "teacher": _Side.build(teacher, teacher_tokenizer, num_slots, plan.teacher_len, page, cfg["delimiter"],
                                teacher_eos, cfg["paged_impl"])}
     stats = stats if stats is not None else EncoderStats()
     base = jax.random.key(cfg["seed"])
     queue = list(jobs)[::-1]
     slots: list[_Trajectory | None] = [None] * num_slots
     chunk = int(cfg["iterations_per_sync"])
+    at_capacity = 0
     while queue or any(slots):
         _admit(spec, sides, slots, queue, stats, cfg)
         _explore(spec, sides, slots, base, chunk)
@@ -189,6 +202,7 @@ def run_cross_engine(spec: EngineSpec, student: Decoder, teacher: Decoder, stude
         _teach(spec, sides, slots, base, chunk, cfg)
         for i, traj in enumerate(slots):
             if traj is not None and traj.mode == DONE:
+                at_capacity += traj.at_capacity
                 slots[i] = None
                 for side in sides.values():
                     side.pages.free(i)
@@ -197,6 +211,10 @@ def run_cross_engine(spec: EngineSpec, student: Decoder, teacher: Decoder, stude
                                                    revise=cfg["revise"])
     log.info("cross-vocabulary synthesis: %d incremental encodes, %d characters encoded, %d full re-encodes",
              stats.calls, stats.chars_encoded, stats.full_encodes)
+    if at_capacity:
+        log.warning("cross-vocabulary synthesis: %d of %d trajectories reached the teacher's context capacity (%d "
+                    "positions, sized for %.3f teacher tokens per student token) and were cut there", at_capacity,
+                    len(jobs), sides["teacher"].capacity, ratio.for_caches)
 
 
 def _first_group(model: Decoder) -> Decoder:
@@ -261,7 +279,7 @@ def _decode(side: _Side, rows: dict[int, _Trajectory], base: jax.Array, slots: l
         automaton[slot], step_len[slot] = traj.automaton, len(traj.step_ids)
         budgets[slot] = budget[slot]
         stop[slot] = RUNNING if budget[slot] > 0 else STOP_BUDGET
-        side.pages.ensure(slot, len(ids) + chunk)
+        side.pages.ensure(slot, min(len(ids) + chunk, side.capacity))
     side.cache = side.pages.commit(side.cache)
     state = DecodeRows(keys=_keys(base, slots, model), position=jnp.asarray(position), pending=jnp.asarray(pending),
                        ctx_len=jnp.asarray(ctx_len), automaton=jnp.asarray(automaton), step_len=jnp.asarray(step_len),
@@ -317,9 +335,14 @@ def _judge(spec: EngineSpec, sides: dict[str, _Side], slots: list[_Trajectory | 
     if not ended:
         return
     before = {}
-    for slot, traj in ended.items():
+    for slot, traj in list(ended.items()):
         before[slot] = len(traj.teacher.ids)
         traj.teacher.append_bytes(b"".join(sides["student"].text_bytes[t] for t in traj.step_ids))
+        if policy.needs_teacher and len(traj.teacher.ids) > sides["teacher"].capacity:
+            # The teacher's encoding outgrew its cache (sized from the measured token ratio, `cross_sizing`): the
+            # step cannot be scored, so the trajectory ends with the steps judged so far.
+            traj.mode, traj.finish, traj.at_capacity = DONE, FINISH_LENGTH, True
+            del ended[slot]
     # The released code's artefact (a): the token at logprob_start_len comes back without a log-probability.
     skip = 1 if cfg["first_token_unscored"] else 0
     scored = (sides["teacher"].feed({i: t.teacher.ids for i, t in ended.items()},
@@ -390,9 +413,13 @@ def _teach(spec: EngineSpec, sides: dict[str, _Side], slots: list[_Trajectory | 
         context = {i: t.teacher.ids + t.step_ids for i, t in rows.items()}
         teacher.feed({i: ids[:-1] for i, ids in context.items() if len(ids) > 1 and teacher.held[i] != ids[:-1]}, {},
                      spec.entropy_top_k)
+        # The teacher writes within its cache: a context that leaves less room than the budget cuts it (rare: the
+        # cache holds the measured token ratio's share of the student's capacity plus the whole budget).
+        budget = {i: max(min(t.teacher_budget, teacher.capacity - len(context[i])), 0) for i, t in rows.items()}
+        for i, t in rows.items():
+            t.at_capacity |= budget[i] < t.teacher_budget
         out = _decode(teacher, rows, base, slots, model=1, rule=spec.teacher_rule, step_cap=spec.step_cap,
-                      stop_at_step_end=one_step, chunk=chunk, context=context,
-                      budget={i: t.teacher_budget for i, t in rows.items()})
+                      stop_at_step_end=one_step, chunk=chunk, context=context, budget=budget)
         handed_back = {}
         for slot, (tokens, _, stop) in out.items():
             traj = rows[slot]
@@ -419,28 +446,28 @@ def _teach(spec: EngineSpec, sides: dict[str, _Side], slots: list[_Trajectory | 
                 traj.mode, traj.finish = DONE, FINISH_MAX_STEPS
 
 
-def _slots_that_fit(wanted: int, student: Decoder, teacher: Decoder, student_len: int, teacher_len: int, page: int,
-                    cfg: Mapping[str, Any]) -> int:
-    """Slots whose caches fit what the loaded weights leave: this path still gives every slot pages for its whole
-    capacity (no admission by pages yet), so at the paper's lengths it runs fewer slots rather than run out of
-    memory. With `memory_budget_gb` set, that budget (weights included) decides."""
-    per_slot = sum(pages_for(length, page) * page * kv_bytes_per_token(m.config.num_layers, m.config.num_kv_heads,
-                                                                       m.config.head_dim, m.config.compute_dtype)
-                   for m, length in ((student, student_len), (teacher, teacher_len)))
+def slots_plan(cfg: Mapping[str, Any], student: Decoder, teacher: Decoder, ratio: TokenRatio, *, wanted: int,
+               groups: int = 1) -> TextPathPlan:
+    """The slots whose full-capacity caches fit what the loaded weights leave on one engine group (at the paper's
+    lengths this path runs fewer slots rather than run out of memory): `memory_budget_gb` (weights included, split
+    over `groups` like the token engine's pools) when set, else the group's free device memory (on CPU a quarter of
+    the host RAM less the weights). Raises MemoryError when not even one slot fits."""
+    weights = weight_bytes(student, teacher)
     if cfg.get("memory_budget_gb"):
-        free = cfg["memory_budget_gb"] * GIB - weight_bytes(student, teacher)
-        where = f"memory_budget_gb={cfg['memory_budget_gb']:g} less the weights"
+        free = cfg["memory_budget_gb"] * GIB / groups - weights
+        where = f"memory_budget_gb={cfg['memory_budget_gb']:g}" + (f" over {groups} engine groups" if groups > 1 else "")
     else:
-        free, where = device_memory(free=True)
-    fit = int(free * (1 - WORKSPACE_FRACTION) // per_slot)
-    if fit < 1:
-        raise MemoryError(f"text-level synthesis needs {per_slot / GIB:.3g} GiB of KV pages per slot (student "
-                          f"{student_len} + teacher {teacher_len} positions) but {where} leaves {free / GIB:.3g} GiB; "
-                          "lower synthesis.traj_cap or max_prompt_len, or use more devices")
-    if fit < wanted:
-        log.warning("text-level synthesis: %d of the %d slots fit (%.2f GiB of KV pages per slot at full capacity, "
-                    "%.1f GiB free on %s); running %d", fit, wanted, per_slot / GIB, free / GIB, where, fit)
-    return max(1, min(wanted, fit))
+        free, where = device_memory(free=True)  # on accelerators: free now, the weights already loaded
+        free /= groups
+        if not memory_over_devices()[1]:
+            free -= weights
+        where += f" / {groups} engine groups" if groups > 1 else ""
+    plan = plan_text_path(cfg, student.config, teacher.config, ratio.for_caches, wanted=wanted, free_bytes=free,
+                          where=where)
+    if plan.slots < 1:
+        raise MemoryError(plan.refusal())
+    (log.warning if plan.slots < wanted else log.info)("%s", plan.describe())
+    return plan
 
 
 def _hand_back(sides: dict[str, _Side], traj: _Trajectory) -> None:

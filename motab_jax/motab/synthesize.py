@@ -22,6 +22,7 @@ from motab_jax.models.paged_cache import kv_bytes_per_token
 from motab_jax.models.transformer import Decoder
 from motab_jax.motab.config import resolve_config
 from motab_jax.motab.cross_engine import CrossJob, run_cross_engine
+from motab_jax.motab.cross_sizing import ratio_texts
 from motab_jax.motab.driver import EngineStats, Job, engine_groups, run_engine
 from motab_jax.motab.engine import EngineSpec
 from motab_jax.motab.policies import Policy, make_policy
@@ -210,7 +211,8 @@ def _synthesize_cross(spec: EngineSpec, cfg: Mapping[str, Any], student: Decoder
     def records() -> Iterator[dict[str, Any]]:
         try:
             for job, fields in run_cross_engine(spec, student, teacher, tokenizer, teacher_tokenizer, jobs, cfg,
-                                                student_eos=student_eos, teacher_eos=teacher_eos, stats=encoding):
+                                                student_eos=student_eos, teacher_eos=teacher_eos, stats=encoding,
+                                                ratio_sample=ratio_texts(questions)):
                 qi, r = queue[job.index]
                 bar.update(1)
                 yield {"id": items[qi].id, "sample_index": r, "prompt": prompts[qi][0], "policy": spec.policy.name,

@@ -9,7 +9,8 @@ import jax
 
 from motab_jax.models.config import ModelConfig
 from motab_jax.models.sharding import MeshConfig
-from motab_jax.motab.pool import PoolPlan, memory_over_devices, plan_pool
+from motab_jax.motab.cross_sizing import TextPathPlan, TokenRatio, plan_text_path, slot_bytes
+from motab_jax.motab.pool import GIB, PoolPlan, memory_over_devices, plan_pool
 from motab_jax.motab.synthesize import kv_token_bytes, synthesis_pool
 from motab_jax.sampling.sampler import bucket
 
@@ -150,6 +151,12 @@ def engine_groups(config: Any) -> int:
         return 1
 
 
+def _weight_bytes(config: Any, teacher: ModelConfig, student: ModelConfig) -> float:
+    """Bytes of one copy of both models' parameters in their dtypes."""
+    return (teacher.num_params * jax.numpy.dtype(config.teacher.dtype).itemsize
+            + student.num_params * jax.numpy.dtype(config.student.dtype).itemsize)
+
+
 def generation_pools(config: Any, teacher: ModelConfig, student: ModelConfig,
                      device_bytes: tuple[float, str] | None = None) -> dict[str, PoolPlan]:
     """The KV page pools synthesis and evaluation would get (`motab.pool.plan_pool`, the engine's own rule);
@@ -157,8 +164,7 @@ def generation_pools(config: Any, teacher: ModelConfig, student: ModelConfig,
     s = dict(config.synthesis)
     groups = engine_groups(config)
     t, st = _cached(teacher, config.teacher), _cached(student, config.student)
-    weights = teacher.num_params * jax.numpy.dtype(config.teacher.dtype).itemsize + \
-        student.num_params * jax.numpy.dtype(config.student.dtype).itemsize
+    weights = _weight_bytes(config, teacher, student)
     e = config.eval
     return {"synthesize": synthesis_pool(s, st, t, weight_bytes=weights, device_bytes=device_bytes, groups=groups),
             # Evaluation prompts are not known before loading: synthesis.max_prompt_len stands for them.
@@ -169,15 +175,31 @@ def generation_pools(config: Any, teacher: ModelConfig, student: ModelConfig,
                               groups=groups)}
 
 
+def text_path_plan(config: Any, teacher: ModelConfig, student: ModelConfig, ratio: TokenRatio,
+                   have: float) -> TextPathPlan:
+    """The slots text-level synthesis (a teacher with another tokenizer) would run: `cross_sizing`'s rule with
+    what the weights leave on one engine group of `have` bytes (over all devices), or of `memory_budget_gb`."""
+    s = config.synthesis
+    groups = engine_groups(config)
+    budget = float(s.memory_budget_gb) * GIB
+    free = (budget or have) / groups - _weight_bytes(config, teacher, student)
+    where = (f"memory_budget_gb={s.memory_budget_gb:g}" if budget else f"{format_bytes(have)} over "
+             f"{jax.device_count()} device(s)") + (f" / {groups} engine groups" if groups > 1 else "")
+    return plan_text_path(dict(s), _cached(student, config.student), _cached(teacher, config.teacher),
+                          ratio.for_caches, wanted=int(s.num_slots), free_bytes=free, where=where)
+
+
 def _micro_rows(section: Any, rows: int) -> int:
     return max(rows // max(int(section.micro_batches), 1), 1)
 
 
-def memory_breakdown(config: Any, teacher: ModelConfig, student: ModelConfig) -> dict[str, dict[str, float]]:
+def memory_breakdown(config: Any, teacher: ModelConfig, student: ModelConfig,
+                     text_ratio: TokenRatio | None = None) -> dict[str, dict[str, float]]:
     """Bytes each stage needs at its peak, summed over devices, by part: parameters in their dtypes and KV
-    caches for synthesis; for sft / kd float32 master weights + AdamW moments + gradients (16 B per
-    parameter) and the activations of one micro-batch (`training_activation_bytes`, with the student's
-    remat policy and the attention kernel it resolves to), kd also the teacher's weights and forward."""
+    caches for synthesis (with `text_ratio`, text-level synthesis: one slot's caches at full capacity); for sft /
+    kd float32 master weights + AdamW moments + gradients (16 B per parameter) and the activations of one
+    micro-batch (`training_activation_bytes`, with the student's remat policy and the attention kernel it
+    resolves to), kd also the teacher's weights and forward."""
     def param_bytes(cfg: ModelConfig, spec: Any) -> float:
         return cfg.num_params * jax.numpy.dtype(spec.dtype).itemsize
 
@@ -197,6 +219,12 @@ def memory_breakdown(config: Any, teacher: ModelConfig, student: ModelConfig) ->
         (f"parameters{copies}", synthesis.groups * (param_bytes(teacher, config.teacher)
                                                     + param_bytes(student, config.student))),
         least_pools(synthesis, synthesis.token_bytes, "one trajectory")])}
+    if text_ratio is not None:  # the text path holds every slot at full capacity (`motab.cross_sizing`)
+        student_len, teacher_len, per_slot = slot_bytes(dict(config.synthesis), _cached(student, config.student),
+                                                        _cached(teacher, config.teacher), text_ratio.for_caches)
+        out["synthesize"] = {next(iter(out["synthesize"])): next(iter(out["synthesize"].values())),
+                             f"KV caches of one text-level slot at full capacity (student {student_len} + teacher "
+                             f"{teacher_len} positions)": per_slot}
     evaluation = pools["eval"]
     out["eval"] = dict([
         (f"parameters (the larger model evaluated){copies}", evaluation.groups * max(

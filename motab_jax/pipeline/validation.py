@@ -27,8 +27,9 @@ from motab_jax.models.factory import init_fields, make_tokenizer, spec_tokenizer
 from motab_jax.models.sharding import MeshConfig
 from motab_jax.motab.config import DEFAULTS as SYNTHESIS_DEFAULTS
 from motab_jax.motab.config import synthesis_problems
+from motab_jax.motab.cross_sizing import RATIO_TEXTS, TokenRatio, measure_token_ratio, ratio_texts
 from motab_jax.pipeline.memory import (available_memory, format_bytes, generation_pools, memory_breakdown,
-                                      memory_hint)
+                                      memory_hint, text_path_plan)
 from motab_jax.pipeline.multihost import GENERATION_MODES, generation_problems
 from motab_jax.pipeline.inputs import input_problems, run_dir_problems
 from motab_jax.pipeline.policy_runs import policy_runs
@@ -302,10 +303,13 @@ def preflight(config: Any) -> list[str]:
                  "and memory checks run when the models stage loads them", " and ".join(unknown))
     teacher, student = facts["teacher"], facts["student"]
     problems += reasoning_problems(config, facts)
+    ratio = None  # teacher tokens per student token, when synthesis scores text
     if teacher.tokenizer is not None and student.tokenizer is not None and {"synthesize", "kd"} & set(stages):
         problems += cross_vocabulary_problems(config, stages, teacher.tokenizer, student.tokenizer)
         if inputs_readable:
             check_prompt_convention(config, teacher.tokenizer, student.tokenizer)  # logs; never a problem
+        if "synthesize" in stages and _text_level(config, teacher.tokenizer, student.tokenizer):
+            ratio = _token_ratio(config, teacher.tokenizer, student.tokenizer, inputs_readable)
     vocab = len(student.tokenizer) if student.tokenizer is not None else 0
     for field in ("token_top_k", "entropy_top_k"):
         if vocab and config.synthesis[field] > vocab:
@@ -314,27 +318,80 @@ def preflight(config: Any) -> list[str]:
         problems.append(f"eval.top_k={config.eval.top_k}: must be <= the vocabulary ({vocab} ids)")
     if teacher.config is not None and student.config is not None:
         have = float(config.synthesis.memory_budget_gb) * 2**30 or available_memory()
-        problems += memory_problems(config, teacher.config, student.config, stages, have)
+        problems += memory_problems(config, teacher.config, student.config, stages, have, ratio)
     return problems
 
 
+def _text_level(config: Any, teacher_tokenizer: Any, student_tokenizer: Any) -> bool:
+    """Whether synthesis scores text (`motab.cross_engine`): a teacher with another tokenizer, or scoring='text'
+    in any run."""
+    from motab_jax.text import VocabularyMismatchError, check_shared_vocabulary
+
+    try:
+        check_shared_vocabulary(teacher_tokenizer, student_tokenizer)
+    except VocabularyMismatchError:
+        return True
+    try:
+        runs = policy_runs(config)
+    except ValueError:  # reported by validate_config
+        return False
+    return any(run.synthesis_section(config.synthesis.to_dict())["scoring"] == "text" for run in runs)
+
+
+def _token_ratio(config: Any, teacher_tokenizer: Any, student_tokenizer: Any, inputs_readable: bool) -> TokenRatio:
+    """The teacher/student token ratio text-level synthesis sizes the teacher's caches for, measured on what the
+    engine will measure it on (`cross_sizing.ratio_texts` of the job's questions); logged."""
+    questions: list[Any] = []
+    d = config.data
+    source = str(d.questions)
+    n = min(RATIO_TEXTS, d.limit or RATIO_TEXTS)  # the engine reads the first data.limit questions
+    if inputs_readable and source == "demo":
+        import tempfile
+
+        from motab_jax.jsonl import read_jsonl
+        from motab_jax.pipeline.demo_data import write_demo_data
+
+        with tempfile.TemporaryDirectory() as folder:  # the first problems do not depend on the split sizes
+            questions = read_jsonl(write_demo_data(folder, train=min(n, d.demo_train), held_out=0,
+                                                   seed=config.seed)["train"])
+    elif inputs_readable and source and not source.startswith(("hf:", "tfds:")) and not d.question_fields \
+            and Path(source).expanduser().is_file():
+        from motab_jax.data.questions import read_questions
+
+        questions = read_questions(Path(source).expanduser(), n)
+    where, texts = ratio_texts(questions)
+    ratio = measure_token_ratio(student_tokenizer, teacher_tokenizer, texts, where)
+    log.info("preflight: text-level synthesis: %s", ratio.describe())
+    return ratio
+
+
 def memory_problems(config: Any, teacher: ModelConfig, student: ModelConfig, stages: list[str],
-                    have: float) -> list[str]:
+                    have: float, text_ratio: TokenRatio | None = None) -> list[str]:
     """Stages whose least workable peak exceeds `have` bytes (over all devices), with the arithmetic; logs the
-    estimate and the KV page pools synthesis and evaluation would get."""
+    estimate and the KV page pools synthesis and evaluation would get. `text_ratio`: synthesis scores text with
+    the teacher's caches sized for that teacher/student token ratio (`motab.cross_sizing`): the slots it runs are
+    logged, and not even one is a problem."""
     devices = jax.device_count()
-    breakdown = memory_breakdown(config, teacher, student)
+    breakdown = memory_breakdown(config, teacher, student, text_ratio)
     summary = ", ".join(f"{k} {format_bytes(sum(v.values()))}" for k, v in breakdown.items())
     log.info("preflight: memory estimate (parameters, caches, optimizer state, activations): %s; available %s over "
              "%d device(s)", summary, format_bytes(have), devices)
     where = (f"memory_budget_gb={config.synthesis.memory_budget_gb:g}" if config.synthesis.memory_budget_gb
              else f"{devices} device(s)")
+    text_plan = text_path_plan(config, teacher, student, text_ratio, have) if text_ratio is not None else None
     for stage, pool in generation_pools(config, teacher, student, (have, where)).items():
-        if stage in stages and pool.num_pages >= pool.min_pages:
+        if stage == "synthesize" and text_plan is not None:
+            if stage in stages and text_plan.slots >= 1:
+                log.info("preflight: %s: %s", stage, text_plan.describe())
+        elif stage in stages and pool.num_pages >= pool.min_pages:
             log.info("preflight: %s: %s", stage, pool.describe())
     problems = []
+    if text_plan is not None and "synthesize" in stages and text_plan.slots < 1:
+        problems.append(f"memory: stage synthesize: {text_plan.refusal()}")
     for stage, parts in breakdown.items():
         total = sum(parts.values())
+        if stage == "synthesize" and text_plan is not None:
+            continue  # the text path's own rule, above
         if stage in stages and have and total > have:
             arithmetic = " + ".join(f"{name}: {format_bytes(value)}" for name, value in parts.items())
             problems.append(
