@@ -17,7 +17,7 @@ from fixtures.make_golden import GOLDEN_DIR, TOKENIZER_SIZE
 from motab_jax.models.sharding import MeshConfig, make_mesh
 from motab_jax.models.transformer import param_values, set_param_values
 from motab_jax.motab import build_delimiter_tables, root_cause
-from motab_jax.text import token_bytes_table
+from motab_jax.text import special_token_mask, token_bytes_table
 from test_sampling import _chi_square_pvalue
 
 WORDS = ["cat", "dog", "sun", "moon", "tree", "sky"]
@@ -53,6 +53,25 @@ def _run(policy: str, **overrides):
 
 def _ids(record, source):
     return [t for s in record["segments"] if s["source"] == source for t in s["token_ids"]]
+
+
+def _generated(record, source=None):
+    """The record's (source, id) stream as the engine generated it: its ids (revise left out) with the special ids
+    it dropped (`motab.stitching`: none but the last stays) put back; only `source`'s ids when given."""
+    stream = [(s["source"], t) for s in record["segments"] if s["source"] != "revise" for t in s["token_ids"]]
+    for n, dropped in enumerate(record["dropped_special_ids"]):
+        stream.insert(dropped["offset"] + n, (dropped["source"], dropped["id"]))
+    return stream if source is None else [t for s, t in stream if s == source]
+
+
+def _as_recorded(tok, runs):
+    """Runs of a reference's ids as a record keeps them: without special ids, except the record's last id."""
+    special = set(np.flatnonzero(special_token_mask(tok)).tolist())
+    last, n, out = sum(map(len, runs)) - 1, 0, []
+    for run in runs:
+        out.append([t for i, t in enumerate(run, n) if t not in special or i == last])
+        n += len(run)
+    return out
 
 
 def _classify(tok, steps, delimiter):
@@ -98,15 +117,22 @@ def test_motab_equals_reference(delimiter, eps0, theta, extra, backtrack):
         np.testing.assert_allclose([s["value"] for s in record["steps"]], want["values"], atol=1e-5, rtol=0)
         np.testing.assert_allclose([s["eps"] for s in record["steps"]], want["eps"], atol=1e-5, rtol=0)
         np.testing.assert_allclose([s["entropy"] for s in record["steps"]], want["entropy"], atol=1e-5, rtol=0)
+        assert _generated(record) == ([("student", t) for step in want["steps"] for t in step]
+                                      + [("teacher", t) for t in want["teacher"]])
+        *steps, teacher = _as_recorded(tok, want["steps"] + [want["teacher"]])
         student_ids = _ids(record, "student")
         starts = [s["start"] for s in record["steps"]] + [len(student_ids)]
-        assert [student_ids[a:b] for a, b in zip(starts, starts[1:])] == want["steps"]
-        assert _ids(record, "teacher") == want["teacher"]
+        assert [student_ids[a:b] for a, b in zip(starts, starts[1:])] == steps
+        assert _ids(record, "teacher") == teacher
         assert record["finish_reason"] == want["finish"]
         if want["breach"]:
-            expected = (tok.decode(student_ids, skip_special_tokens=True) + "\n\nHowever,\n\n"
-                        + tok.decode(want["teacher"], skip_special_tokens=True))
-            assert record["response"] == expected
+            # Spec 3.8: steps 1..t, then "\n\n" unless they end with it, REVISE, "\n\n", the teacher's text; decoded
+            # as one stream.
+            student_text = tok.decode(student_ids, skip_special_tokens=True)
+            revise = ("\n\n" if student_text and not student_text.endswith("\n\n") else "") + "However,\n\n"
+            revise_ids = tok(revise, add_special_tokens=False)["input_ids"]
+            assert _ids(record, "revise") == revise_ids
+            assert record["response"] == tok.decode(student_ids + revise_ids + teacher, skip_special_tokens=True)
             assert record["safe_prefix_tokens"] == want["safe"]
             COVERAGE.add("breach at step 1" if want["breach"] == 1 else "breach after several steps")
             if want["root"] < want["breach"]:
@@ -137,8 +163,7 @@ def test_skd_step_equals_reference(gamma):
     total = 0
     for question, record in zip(_questions(), records):
         want = ref.skd_step(S, T, tok, tok(question["problem"])["input_ids"], settings, gamma)
-        got = [(s["source"], t) for s in record["segments"] for t in s["token_ids"]]
-        assert got == want["tokens"]
+        assert _generated(record) == want["tokens"]
         assert record["interventions"] == want["interventions"]
         total += want["interventions"]
     assert total >= 2  # the teacher really rewrote steps
@@ -149,12 +174,12 @@ def test_teacher_only_and_student_only_equal_plain_decoding():
     settings = ref.Settings(delimiter="the", eos=(EOS,), step_cap=10, traj_cap=60, teacher_min_budget=6)
     T = ref.Forward(teacher)
     for question, record in zip(_questions(), _run("teacher_only", delimiter="the")):
-        assert _ids(record, "teacher") == ref.teacher_only(T, tok(question["problem"])["input_ids"], settings)
+        assert _generated(record, "teacher") == ref.teacher_only(T, tok(question["problem"])["input_ids"], settings)
         assert record["tokens"]["student"] == 0
     prompts = [tok(q["problem"])["input_ids"] for q in _questions()]
     plain = motab_jax.generate(student, tok, prompts, temperature=0, max_new_tokens=60, stop_tokens=[EOS])
     for completions, record in zip(plain, _run("student_only", delimiter="the")):
-        assert _ids(record, "student") == completions[0].token_ids
+        assert _generated(record, "student") == completions[0].token_ids
         assert record["teacher_forwards"] == 0 and all(s["value"] is None for s in record["steps"])
 
 
@@ -214,10 +239,10 @@ def test_speculative_teacher_sampling_has_the_teacher_distribution():
                    samples_per_question=2048, draft_len=4, seed=3)
         records = list(motab_jax.synthesize(student, teacher, tok, [{"id": "q", "problem": "the cat"}], cfg,
                                             progress=False))
-        firsts = np.asarray([_ids(r, "teacher")[0] for r in records])
+        firsts = np.asarray([_generated(r, "teacher")[0] for r in records])
         assert _chi_square_pvalue(np.bincount(firsts, minlength=TOKENIZER_SIZE), probs) > 1e-3
         top = int(np.bincount(firsts).argmax())
-        seconds = np.asarray([_ids(r, "teacher")[1] for r in records if _ids(r, "teacher")[0] == top])
+        seconds = np.asarray([_generated(r, "teacher")[1] for r in records if _generated(r, "teacher")[0] == top])
         cond = np.asarray(teacher(jnp.asarray([prompt + [top]], jnp.int32)))[0, -1].astype(np.float64)
         cond = np.exp(cond - cond.max())
         assert _chi_square_pvalue(np.bincount(seconds, minlength=TOKENIZER_SIZE), cond / cond.sum()) > 1e-3
@@ -323,7 +348,7 @@ def test_skd_token_keeps_teacher_top_k_tokens_and_replaces_the_rest():
     replaced = 0
     for question, record in zip(_questions(), _run("skd_token", token_top_k=top_k, delimiter="the")):
         prompt = tok(question["problem"])["input_ids"]
-        tokens = [(s["source"], t) for s in record["segments"] for t in s["token_ids"]]
+        tokens = _generated(record)
         context = list(prompt)
         for source, token in tokens:
             teacher_logits = T.next_logits(context)

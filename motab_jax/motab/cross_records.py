@@ -4,17 +4,20 @@ in both vocabularies.
 Student segments hold the student's own ids. A teacher segment holds the teacher's text, the ids the teacher
 wrote (`teacher_token_ids`, teacher vocabulary) and that text encoded by the student's tokenizer (`token_ids`), so
 SFT reads student ids only and never takes a teacher id for a student one. `tokens` counts by provenance in the
-student's vocabulary, plus `teacher_native` (the teacher's own ids).
+student's vocabulary, plus `teacher_native` (the teacher's own ids). The seam, special ids and the text stream follow
+`stitching`, as in the shared-vocabulary records.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from typing import TYPE_CHECKING, Any
 
 from motab_jax.motab.policies import Policy
 from motab_jax.motab.state import FINISH_NAMES
+from motab_jax.motab.stitching import Piece, build_segments, revise_piece, vocabulary
 from motab_jax.text.harmony import decode_reply
 
 if TYPE_CHECKING:
@@ -49,51 +52,58 @@ def _text(tokenizer: Any, ids: list[int]) -> str:
 
 def build_cross_record(traj: _Trajectory, student_tokenizer: Any, teacher_tokenizer: Any, *, policy: Policy,
                        revise: str) -> dict[str, Any]:
-    """Record fields of a finished trajectory (the caller adds id, sample index, prompts and policy name)."""
-    segments: list[dict[str, Any]] = []
+    """Record fields of a finished trajectory (the caller adds id, sample index, prompts and policy name). Segments
+    follow `stitching`: the seam of spec 3.8, no special student id but the last, one byte stream."""
+    vocab = vocabulary(student_tokenizer)
     stitched = policy.stitch and policy.teacher_writes == "until_end" and bool(traj.breach_step)
     record_steps = _record_steps(traj, policy)
     for step in record_steps:
         if step.source == "teacher" and not step.student_ids and step.teacher_ids:
             step.student_ids = list(student_tokenizer(_text(teacher_tokenizer, step.teacher_ids),
                                                       add_special_tokens=False)["input_ids"])
-        if stitched and step.source == "teacher" and not any(s["source"] == "revise" for s in segments):
-            revise_text = f"\n\n{revise}\n\n"
-            ids = student_tokenizer(revise_text, add_special_tokens=False)["input_ids"]
-            segments.append({"source": "revise", "num_tokens": len(ids), "token_ids": ids, "text": revise_text})
-        if segments and segments[-1]["source"] == step.source:
-            segment = segments[-1]
-        else:
-            segment = {"source": step.source, "num_tokens": 0, "token_ids": []}
-            if step.source == "teacher":
-                segment["teacher_token_ids"] = []
-            segments.append(segment)
-        segment["token_ids"] += step.student_ids
-        segment["num_tokens"] = len(segment["token_ids"])
-        if step.source == "teacher":
-            segment["teacher_token_ids"] += step.teacher_ids
-    for segment in segments:
-        if segment["source"] == "student":
-            segment["text"] = _text(student_tokenizer, segment["token_ids"])
-        elif segment["source"] == "teacher":
-            segment["text"] = _text(teacher_tokenizer, segment["teacher_token_ids"])
+    # Each record step's ids as the record keeps them: no special token but the record's last id.
+    keep = vocab.keep([t for step in record_steps for t in step.student_ids])
+    kept_ids: dict[int, list[int]] = {}
+    dropped: list[dict[str, Any]] = []
+    offset, in_record = 0, 0
+    for step in record_steps:
+        ids = kept_ids[id(step)] = []
+        for t, k in zip(step.student_ids, keep[offset:offset + len(step.student_ids)]):
+            if k:
+                ids.append(int(t))
+            else:
+                dropped.append({"offset": in_record + len(ids), "source": step.source, "id": int(t)})
+        offset += len(step.student_ids)
+        in_record += len(ids)
+    pieces: list[Piece] = []
+    for source, run in itertools.groupby(record_steps, key=lambda s: s.source):
+        run = list(run)
+        ids = [t for step in run for t in kept_ids[id(step)]]
+        if source == "student":
+            pieces.append(Piece("student", ids, vocab.bytes_of(ids)))
+            continue
+        if stitched and not any(p.source == "revise" for p in pieces):
+            pieces.append(revise_piece(revise, pieces, student_tokenizer))
+        teacher_ids = [t for step in run for t in step.teacher_ids]
+        pieces.append(Piece("teacher", ids, _text(teacher_tokenizer, teacher_ids).encode(),
+                            {"teacher_token_ids": teacher_ids}))
+    segments = build_segments(pieces)
     steps, offset = [], 0
-    in_record = {id(s) for s in record_steps}
     for step in traj.steps:
         if not step.is_step:
             continue
         steps.append({"start": offset, "value": None if math.isnan(step.value) else step.value, "eps": step.eps,
                       "entropy": step.entropy, "source": step.source})
-        if id(step) in in_record:
-            offset += len(step.student_ids)
+        offset += len(kept_ids.get(id(step), ()))
+    safe = sum(len(kept_ids.get(id(s), s.student_ids)) for s in traj.steps[:max(traj.root_step - 1, 0)] if s.kept)
     counts = {name: sum(s["num_tokens"] for s in segments if s["source"] == name)
               for name in ("student", "teacher", "revise")}
     counts["teacher_native"] = sum(len(s.get("teacher_token_ids", [])) for s in segments)
     return {
         "response": "".join(s["text"] for s in segments), "segments": segments, "steps": steps,
         "breach_step": traj.breach_step or None, "root_step": traj.root_step or None,
-        "safe_prefix_tokens": traj.safe_tokens if traj.breach_step else None, "interventions": traj.interventions,
-        "tokens": counts, "finish_reason": FINISH_NAMES[traj.finish],
+        "safe_prefix_tokens": safe if traj.breach_step else None, "interventions": traj.interventions,
+        "tokens": counts, "dropped_special_ids": dropped, "finish_reason": FINISH_NAMES[traj.finish],
         "speculative": {"drafted": 0, "accepted": 0}, "teacher_forwards": traj.teacher_forwards,
         "teacher_prompt": traj.job.teacher_prompt_text,
     }
