@@ -207,3 +207,20 @@ def test_killed_two_process_job_resumes_to_the_same_outputs(one_process, tmp_pat
     _assert_same_outputs(run, reference)
     summary = json.loads((run / "stages" / "synthesize.done").read_text())
     assert summary["motab"]["records"] == 16 and summary["motab"]["new_records"] == 16 - written
+
+
+@pytest.mark.slow
+def test_hosts_that_do_not_share_the_run_directory_are_refused(tmp_path):
+    """Process 1 is given another run_dir (as a host without the shared mount would see): both processes stop with
+    one error line naming the problem, before any stage."""
+    procs = []
+    for i, ((command, env), run) in enumerate(zip(_commands(tmp_path / "run", 2), ("run", "elsewhere"))):
+        command = [c if not c.startswith("--config.run_dir=") else f"--config.run_dir={tmp_path / run}"
+                   for c in command]
+        procs.append(subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 1, err[-3000:]
+        assert "process(es) [1] of 2 do not see the files process 0 writes there" in err.splitlines()[-1]
+    assert not (tmp_path / "run" / "stages" / "synthesize.inputs.json").exists()

@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import logging
 import random
+import time
 from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
 from jax.sharding import Mesh
 
 from motab_jax.errors import EnvironmentProblem
@@ -127,55 +128,86 @@ def is_primary() -> bool:
 
 
 _barrier_count = itertools.count()
+_FAILED = "motab/failed/"  # process index -> why it stopped (`report_failure`)
+
+
+class OtherProcessFailed(EnvironmentProblem):
+    """Another process of the job stopped (an error, a signal) while this one waited for it: run.py prints one
+    line, and the failing process's own error is in its output and its run log."""
+
+
+def _client() -> Any:
+    from jax._src import distributed  # the client of jax.distributed.initialize: its key-value store
+
+    return distributed.global_state.client
+
+
+def report_failure(error: BaseException) -> None:
+    """Tell the other processes that this one stops (`wait_for_all` raises there at once, instead of waiting until
+    the coordination service gives up on this process)."""
+    client = _client() if jax.process_count() > 1 else None
+    if client is not None:
+        try:
+            client.key_value_set(f"{_FAILED}{jax.process_index()}", f"{type(error).__name__}: {error}"[:2000])
+        except Exception:  # noqa: BLE001 - the coordination service is gone too: nothing left to tell
+            pass
 
 
 def wait_for_all(name: str, timeout_s: float = BARRIER_TIMEOUT_S) -> None:
-    """Block until every process reaches this point (nothing with one process).
+    """Block until every process reaches this point (nothing with one process); raise `OtherProcessFailed` when
+    another process stopped with an error (`report_failure`).
 
-    The coordination service's barrier, not a device collective: a host that finished its shard early can wait
-    for hours without a collective timing out, and no accelerator is busy meanwhile. Every process must call
-    the same barriers in the same order (their ids are numbered)."""
+    Through the coordination service's key-value store, not a device collective: a host that finished its shard
+    early can wait for hours without a collective timing out, and no accelerator is busy meanwhile. Every process
+    must call the same barriers in the same order (their ids are numbered)."""
     if jax.process_count() == 1:
         return
-    from jax._src import distributed  # the client of jax.distributed.initialize: no public barrier with a timeout
-
-    client = distributed.global_state.client
-    if client is None:  # initialised some other way: a device collective (as the runner's stage barriers)
+    client = _client()
+    if client is None:  # initialised some other way: a device collective
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
         return
-    client.wait_at_barrier(f"motab:{next(_barrier_count)}:{name}", int(timeout_s * 1000))
+    tag = f"motab/barrier/{next(_barrier_count)}/"
+    client.key_value_set(f"{tag}{jax.process_index()}", name)
+    deadline, pause = time.monotonic() + timeout_s, 0.01
+    while len(client.key_value_dir_get(tag)) < jax.process_count():
+        failed = client.key_value_dir_get(_FAILED)
+        if failed:
+            who, why = failed[0]
+            raise OtherProcessFailed(f"process {who.rsplit('/', 1)[-1]} of {jax.process_count()} stopped ({why}) while "
+                                     f"process {jax.process_index()} waited at '{name}'; finished work is kept: rerun "
+                                     "the same command on every host to continue")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"waited {timeout_s:.0f} s at '{name}' for {jax.process_count()} processes; only "
+                               f"{len(client.key_value_dir_get(tag))} arrived")
+        time.sleep(pause)
+        pause = min(2 * pause, 1.0)
 
 
-def gather_counts(values: list[int]) -> np.ndarray:
-    """[process_count, len(values)]: every process's `values` (a collective; call it after `wait_for_all`)."""
-    local = np.asarray(values, np.int64)
+def all_gather(name: str, value: Any) -> list[Any]:
+    """Every process's `value` (JSON), in process order, through the key-value store (a barrier as well)."""
     if jax.process_count() == 1:
-        return local[None]
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(local)).reshape(jax.process_count(), -1)
+        return [value]
+    tag = f"motab/gather/{next(_barrier_count)}/"
+    _client().key_value_set(f"{tag}{jax.process_index():06d}", json.dumps(value))
+    wait_for_all(name)
+    return [json.loads(v) for _, v in sorted(_client().key_value_dir_get(tag))]
 
 
 def check_shared_run_dir(run_dir: Path) -> None:
     """Raise `EnvironmentProblem` unless every process sees the files process 0 writes into `run_dir`."""
     if jax.process_count() == 1:
         return
-    from jax.experimental import multihost_utils
-
-    token = np.uint32(random.getrandbits(31) if is_primary() else 0)
-    token = int(multihost_utils.broadcast_one_to_all(token))
-    probe = Path(run_dir) / "stages" / f".shared-{token:08x}"
+    probe = Path(run_dir) / "stages" / f".shared-{random.getrandbits(32):08x}"
     if is_primary():
         probe.write_text("written by process 0 to check that every host sees this run directory\n")
-    wait_for_all("run_dir probe written")
-    seen = np.asarray(multihost_utils.process_allgather(np.asarray(probe.exists()))).reshape(-1)
-    wait_for_all("run_dir probe read")
+    probe = probe.with_name(all_gather("run_dir probe written", probe.name)[0])  # process 0's, in this run_dir
+    seen = all_gather("run_dir probe read", probe.exists())
     if is_primary():
         probe.unlink(missing_ok=True)
-    if not seen.all():
-        blind = [int(i) for i in np.flatnonzero(~seen)]
+    if not all(seen):
+        blind = [i for i, ok in enumerate(seen) if not ok]
         raise EnvironmentProblem(
             f"run_dir={str(run_dir)!r}: process(es) {blind} of {len(seen)} do not see the files process 0 writes there; "
             "a multi-host job needs one run directory shared by every host (NFS, Filestore, Lustre, gcsfuse): give a "

@@ -23,7 +23,8 @@ import jax
 from motab_jax.models.sharding import MeshConfig, initialize_distributed, make_mesh
 from motab_jax.errors import EnvironmentProblem, MotabInputError, environment_problem
 from motab_jax.pipeline.models_stage import run_models_stage
-from motab_jax.pipeline.multihost import GENERATION_STAGES, check_shared_run_dir, generation_plan
+from motab_jax.pipeline.multihost import (GENERATION_STAGES, check_shared_run_dir, generation_plan, report_failure,
+                                          wait_for_all)
 from motab_jax.pipeline.run_lock import acquire_run_dir
 from motab_jax.pipeline.stage_inputs import (UnfinishedInput, apply_plan, begin_stage, check_stages, check_unfinished,
                                               done_path, unfinished_inputs)
@@ -93,6 +94,14 @@ def run_pipeline(config: Any) -> dict[str, Any]:
     if int(dist.num_processes) != 1:
         initialize_distributed(dist.coordinator_address or None, int(dist.num_processes) or None,
                                int(dist.process_id) if int(dist.num_processes) else None)
+    try:
+        return _run_pipeline(config)
+    except BaseException as e:  # errors, Ctrl-C, SIGTERM: the other processes stop waiting for this one
+        report_failure(e)
+        raise
+
+
+def _run_pipeline(config: Any) -> dict[str, Any]:
     problems = validate_config(config)
     if not problems:
         problems = preflight(config)
@@ -123,11 +132,9 @@ def run_pipeline(config: Any) -> dict[str, Any]:
 
 
 def _sync(name: str) -> None:
-    """A barrier of all processes of a multi-host job (nothing with one process)."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
+    """A barrier of all processes of a multi-host job (nothing with one process); raises when another process
+    stopped with an error."""
+    wait_for_all(name)
 
 
 def _write_atomically(path: Path, text: str) -> None:

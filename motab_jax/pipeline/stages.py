@@ -30,7 +30,7 @@ from motab_jax.models.sharding import SAMPLING_RULES
 from motab_jax.motab import synthesize
 from motab_jax.motab.synthesize import parse_questions
 from motab_jax.pipeline.demo_data import write_demo_data
-from motab_jax.pipeline.multihost import gather_counts, generation_mesh, generation_plan, is_primary, wait_for_all
+from motab_jax.pipeline.multihost import all_gather, generation_mesh, generation_plan, is_primary, wait_for_all
 from motab_jax.pipeline.policy_runs import PolicyRun, find_run, policy_runs
 from motab_jax.pipeline.stage_inputs import UnfinishedInput, done_path
 from motab_jax.pipeline.summary import results_entry
@@ -167,7 +167,7 @@ def run_synthesize_stage(config: Any, run_dir: Path, mesh: Mesh) -> dict[str, An
         new_records.append(sum(1 for _ in synthesize(student, teacher, tokenizer, questions, section,
                                                      teacher_tokenizer=teacher_tokenizer, shard=plan.shard)))
     wait_for_all("synthesis: every shard written")  # a host that finished early waits here
-    new_records = gather_counts(new_records).sum(axis=0)
+    new_records = [sum(counts) for counts in zip(*all_gather("synthesis: new records", new_records))]
     if not is_primary():
         return {}
     # Canonical order: the question file's, then sample index (also with one process, whose records are
