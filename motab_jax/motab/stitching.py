@@ -69,11 +69,17 @@ _VOCABULARIES: weakref.WeakKeyDictionary[Any, Vocabulary] = weakref.WeakKeyDicti
 
 def vocabulary(tokenizer: Any) -> Vocabulary:
     """`tokenizer`'s `Vocabulary`, built once per tokenizer object (a 150k vocabulary takes about half a second)."""
-    cached = _VOCABULARIES.get(tokenizer)
+    try:
+        cached = _VOCABULARIES.get(tokenizer)
+    except TypeError:  # not weakly referenceable: built each time
+        cached = None
     if cached is None:
         special = special_token_mask(tokenizer)
-        table = [b"" if s else t for t, s in zip(token_bytes_table(tokenizer), special)]
-        cached = _VOCABULARIES[tokenizer] = Vocabulary(table, special)
+        cached = Vocabulary([b"" if s else t for t, s in zip(token_bytes_table(tokenizer), special)], special)
+        try:
+            _VOCABULARIES[tokenizer] = cached
+        except TypeError:
+            pass
     return cached
 
 
