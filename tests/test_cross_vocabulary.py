@@ -212,3 +212,38 @@ def test_text_level_synthesis_runs_the_slots_whose_full_caches_fit():
                       groups=2).slots == fits[weights + 1e-3]
     with pytest.raises(MemoryError, match=r"KV pages per slot \(student 114 \+ teacher 162 positions"):
         slots_plan(dict(cfg, memory_budget_gb=weights + 1e-7), student, teacher, ratio, wanted=64)
+
+
+@pytest.mark.slow  # ~95 s on 2 busy cores: two runs and the grouped programs' compilation
+def test_cross_vocabulary_synthesis_over_engine_groups_equals_one_device(caplog):
+    """Slots over the mesh's data axis: 2 engine groups of 2 slots (tensor parallel over 2 x 2 host devices each,
+    their own pools) give the one-device run's records at temperature 0."""
+    import logging
+
+    from motab_jax.models.loading import resharded
+    from motab_jax.models.sharding import SAMPLING_RULES, MeshConfig, make_mesh
+
+    student, teacher, s_tok, t_tok = _pair()
+    cfg = dict(SETTINGS, policy="motab", num_slots=4)
+    single = {r["id"]: r for r in motab_jax.synthesize(student, teacher, s_tok, QUESTIONS, cfg, progress=False,
+                                                       teacher_tokenizer=t_tok)}
+    mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    on_mesh = [resharded(m, SAMPLING_RULES, mesh) for m in (student, teacher)]
+    with caplog.at_level(logging.INFO, logger="motab_jax"):
+        grouped = {r["id"]: r for r in motab_jax.synthesize(*on_mesh, s_tok, QUESTIONS, cfg, progress=False,
+                                                            teacher_tokenizer=t_tok)}
+    assert "runs 2 of 2 slots in each of 2 engine groups" in caplog.text
+    assert sorted(grouped) == sorted(single) and any(r["breach_step"] for r in single.values())
+    for qid, want in single.items():
+        got = grouped[qid]
+        for field in ("response", "breach_step", "root_step", "finish_reason", "tokens", "teacher_prompt"):
+            assert got[field] == want[field], (qid, field)
+        assert [(s["source"], s["token_ids"], s.get("teacher_token_ids")) for s in got["segments"]] == \
+            [(s["source"], s["token_ids"], s.get("teacher_token_ids")) for s in want["segments"]], qid
+        assert [(s["start"], s["source"]) for s in got["steps"]] == [(s["start"], s["source"]) for s in want["steps"]]
+        for a, b in zip(got["steps"], want["steps"]):
+            for key in ("value", "eps", "entropy"):
+                if b[key] is None:
+                    assert a[key] is None
+                else:
+                    np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6)

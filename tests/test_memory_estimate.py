@@ -170,12 +170,12 @@ def test_the_preflight_reports_the_text_paths_ratio_and_slots_and_refuses_when_n
                                [r["solution"] for r in demo_rows], "demo")
     assert 0.2 < want.for_caches < 0.8  # byte-level student: several bytes per Qwen token
     assert f"sized for {want.for_caches:.3f}" in log and "the job's first 32 questions" in log
-    match = re.search(r"text-level synthesis runs (\d+) of (\d+) slots: each slot holds ([\d.e-]+) GiB .*"
-                      r"\(student (\d+) \+ teacher (\d+) positions\)", log)
+    match = re.search(r"text-level synthesis runs (\d+) of (\d+) slots in each of 8 engine groups: each slot holds "
+                      r"([\d.e-]+) GiB .*\(student (\d+) \+ teacher (\d+) positions\)", log)
     assert match, log
     slots, wanted, _, student_len, teacher_len = map(float, match.groups())
     s = config.synthesis
-    assert wanted == s.num_slots and student_len == 64 * -(-s.max_prompt_len // 64) + s.traj_cap + 2
+    assert wanted == s.num_slots / 8 and student_len == 64 * -(-s.max_prompt_len // 64) + s.traj_cap + 2
     assert teacher_len == -(-want.for_caches * student_len // 1) + max(s.teacher_min_budget, s.traj_cap)
     # A budget the weights nearly fill: not even one slot, refused with the arithmetic.
     caplog.clear()

@@ -14,10 +14,11 @@ incremental encoding, incomplete UTF-8 held back); one batched teacher `feed` sc
 order (the policy's own `boundary` / `judge` and `transition.root_cause`); breaching slots rewind their text to
 the safe state and the teacher writes (`decode` in its vocabulary) the rest, or one step for one-step policies.
 Cache sizes and slot count: `cross_sizing` (the teacher's caches from the measured teacher/student token ratio;
-the slots whose full-capacity caches fit), the rule the preflight reports. Limits of this first version: one engine
-group (on a mesh, the devices of data index 0; the models are tensor parallel within it); the pools hold every slot
-at full length (no admission by free pages, no preemption); the host loop waits for each phase (no exploration past
-an unscored step); the teacher decodes without drafts.
+the slots whose full-capacity caches fit), the rule the preflight reports. On a mesh whose `data` axis has G > 1
+entries the slots split into G engine groups (`cross_device` runs each group's rows under `shard_map`, with its
+own pools and group-local page ids; the models are tensor parallel within a group), as on the token path. Limits
+of this first version: the pools hold every slot at full length (no admission by free pages, no preemption); the
+host loop waits for each phase (no exploration past an unscored step); the teacher decodes without drafts.
 """
 
 from __future__ import annotations
@@ -30,9 +31,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
-from motab_jax.models.loading import resharded
-from motab_jax.models.paged_cache import PageAllocator
+from motab_jax.models.paged_cache import PageAllocator, PagedKVCache
 from motab_jax.models.sharding import SAMPLING_RULES, data_groups
 from motab_jax.models.transformer import Decoder
 from motab_jax.motab.cross_device import RUNNING, STOP_BUDGET, STOP_EOS, DecodeRows, decode, feed
@@ -40,7 +41,7 @@ from motab_jax.motab.cross_records import StepRecord, build_cross_record
 from motab_jax.motab.cross_sizing import TextPathPlan, TokenRatio, measure_token_ratio, plan_text_path, ratio_texts
 from motab_jax.motab.driver import model_mesh
 from motab_jax.motab.engine import EngineSpec
-from motab_jax.motab.pool import GIB, device_memory, memory_over_devices, weight_bytes
+from motab_jax.motab.pool import GIB, device_memory, memory_over_devices, pages_for, weight_bytes
 from motab_jax.motab.state import FINISH_EOS, FINISH_LENGTH, FINISH_MAX_STEPS, FINISH_TEACHER_BUDGET
 from motab_jax.motab.transition import EngineTables, root_cause
 from motab_jax.sampling.sampler import bucket
@@ -61,18 +62,44 @@ class CrossJob:
     key_id: int
 
 
+class _GroupPages:
+    """The page allocators of G engine groups behind global slot ids: slot g * per_group + local is local slot
+    `local` of group g, whose pool (the g-th contiguous part of the cache's pool) has its own null page."""
+
+    def __init__(self, groups: int, per_group: int, pages_per_seq: int, page_size: int):
+        self.per_group, self.pages_per_seq, self.page_size = per_group, pages_per_seq, page_size
+        self.allocators = [PageAllocator(per_group * pages_per_seq + 1, page_size, per_group, pages_per_seq)
+                           for _ in range(groups)]
+
+    @property
+    def pool_pages(self) -> int:
+        """Pages of all groups' pools together."""
+        return sum(a.num_pages for a in self.allocators)
+
+    def ensure(self, slot: int, num_tokens: int) -> None:
+        self.allocators[slot // self.per_group].ensure(slot % self.per_group, num_tokens)
+
+    def free(self, slot: int) -> None:
+        self.allocators[slot // self.per_group].free(slot % self.per_group)
+
+    def commit(self, cache: PagedKVCache) -> PagedKVCache:
+        table = np.concatenate([a.table for a in self.allocators])
+        return dataclasses.replace(cache, page_table=jax.device_put(table, cache.page_table.sharding))
+
+
 @dataclasses.dataclass
 class _Side:
-    """One model's device state: parameters, paged cache, page allocator, per-slot ids the cache holds."""
+    """One model's device state: parameters, paged cache, page allocators, per-slot ids the cache holds."""
 
     model_def: Any
     params: Any
     cache: Any
-    pages: PageAllocator
+    pages: _GroupPages
     tables: EngineTables
     tokenizer: Any
     text_bytes: list[bytes]  # what each id adds to the context text (special tokens: nothing, as a detokenizer)
     held: list[list[int]]
+    groups: Mesh | None  # the mesh whose `data` axis splits the slots (None: one engine group)
 
     @property
     def capacity(self) -> int:
@@ -83,9 +110,12 @@ class _Side:
     def build(cls, model: Decoder, tokenizer: Any, num_slots: int, max_len: int, page_size: int, delimiter: str,
               eos: Sequence[int], paged_impl: str) -> _Side:
         model_def, params = nnx.split(model)
-        cache = model.init_paged_cache(num_slots, max_len, page_size=page_size, impl=paged_impl)
         mesh = model_mesh(model)
-        if mesh is not None:  # pools split over KV heads like the weights
+        num_groups = data_groups(mesh)
+        pages = _GroupPages(num_groups, num_slots // num_groups, pages_for(max_len, page_size), page_size)
+        cache = model.init_paged_cache(num_slots, max_len, page_size=page_size, num_pages=pages.pool_pages,
+                                       impl=paged_impl)
+        if mesh is not None:  # pools split over KV heads like the weights, and over data (one pool per group)
             cache = cache.placed(mesh, SAMPLING_RULES)
         vocab = model.config.output_vocab_size
         table = token_bytes_table(tokenizer)
@@ -93,8 +123,8 @@ class _Side:
         special = special_token_mask(tokenizer).tolist()
         # Ids past the tokenizer's vocabulary (padded logits) add no text.
         text = [b"" if s else t for t, s in zip(table[:vocab], special)] + [b""] * (vocab - len(table))
-        return cls(model_def, params, cache, PageAllocator.for_cache(cache), tables, tokenizer, text,
-                   [[] for _ in range(num_slots)])
+        return cls(model_def, params, cache, pages, tables, tokenizer, text, [[] for _ in range(num_slots)],
+                   mesh if num_groups > 1 else None)
 
     def feed(self, targets: dict[int, list[int]], score_from: dict[int, int], entropy_top_k: int
              ) -> dict[int, tuple[float, float]]:
@@ -122,7 +152,8 @@ class _Side:
                 first[slot] = score_from[slot] - s
         self.cache = self.pages.commit(self.cache)
         self.cache, sums, entropy = feed(self.model_def, self.params, self.cache, jnp.asarray(tokens),
-                                         jnp.asarray(start), jnp.asarray(num_valid), entropy_top_k, jnp.asarray(first))
+                                         jnp.asarray(start), jnp.asarray(num_valid), entropy_top_k, jnp.asarray(first),
+                                         self.groups)
         sums, entropy = jax.device_get((sums, entropy))
         for slot, target in targets.items():
             self.held[slot] = list(target)
@@ -176,14 +207,18 @@ def run_cross_engine(spec: EngineSpec, student: Decoder, teacher: Decoder, stude
     (where from, texts) to measure the teacher/student token ratio on (`cross_sizing.ratio_texts`; default the
     bundled MATH-500 solutions)."""
     policy = spec.policy
-    groups = data_groups(model_mesh(student)) if model_mesh(student) is not None else 1
-    student, teacher = _first_group(student), _first_group(teacher)
+    groups = data_groups(model_mesh(student))
+    if data_groups(model_mesh(teacher)) != groups:
+        raise ValueError(f"the student runs in {groups} engine group(s) but the teacher in "
+                         f"{data_groups(model_mesh(teacher))}: place both models on one mesh")
     page = int(cfg["page_size"])
     source, texts = ratio_sample or ratio_texts(())
     ratio = measure_token_ratio(student_tokenizer, teacher_tokenizer, texts, source)
     log.info("cross-vocabulary synthesis: %s", ratio.describe())
-    plan = slots_plan(cfg, student, teacher, ratio, wanted=min(int(cfg["num_slots"]), len(jobs)), groups=groups)
-    num_slots = plan.slots
+    # num_slots over all engine groups, as on the token path: each group gets its share (rounded up) if it fits.
+    wanted = -(-min(int(cfg["num_slots"]), len(jobs)) // groups)
+    plan = slots_plan(cfg, student, teacher, ratio, wanted=wanted, groups=groups)
+    num_slots = groups * plan.slots
     sides = {
         "student": _Side.build(student, student_tokenizer, num_slots, plan.student_len, page, cfg["delimiter"],
                                student_eos, cfg["paged_impl"]),
@@ -217,17 +252,6 @@ def run_cross_engine(spec: EngineSpec, student: Decoder, teacher: Decoder, stude
                     len(jobs), sides["teacher"].capacity, ratio.for_caches)
 
 
-def _first_group(model: Decoder) -> Decoder:
-    """The model on the first engine group of its mesh (data index 0): this engine runs one group; computing the
-    same slots on every data replica would only repeat the work."""
-    mesh = model_mesh(model)
-    if data_groups(mesh) == 1:
-        return model
-    group = jax.sharding.Mesh(mesh.devices[:1], mesh.axis_names)
-    log.info("cross-vocabulary synthesis runs one engine group (%d of the %d devices)", group.size, mesh.size)
-    return resharded(model, SAMPLING_RULES, group)
-
-
 def _keys(base: jax.Array, trajectories: list[_Trajectory | None], model: int) -> jax.Array:
     ids = np.asarray([t.job.key_id if t is not None else 0 for t in trajectories], np.uint32)
     return jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(base, i), model))(jnp.asarray(ids))
@@ -236,7 +260,9 @@ def _keys(base: jax.Array, trajectories: list[_Trajectory | None], model: int) -
 def _admit(spec: EngineSpec, sides: dict[str, _Side], slots: list[_Trajectory | None], queue: list[CrossJob],
            stats: EncoderStats, cfg: Mapping[str, Any]) -> None:
     started: list[int] = []
-    for i in range(len(slots)):
+    per_group = sides["student"].pages.per_group
+    # Free slots group by group in turn (local slot 0 of every group, then 1, ...): the work spreads over the groups.
+    for i in sorted(range(len(slots)), key=lambda i: (i % per_group, i // per_group)):
         if slots[i] is None and queue:
             job = queue.pop()
             teacher = IncrementalEncoder(sides["teacher"].tokenizer, job.teacher_prompt_text, stats=stats)
@@ -286,7 +312,7 @@ def _decode(side: _Side, rows: dict[int, _Trajectory], base: jax.Array, slots: l
                        budget=jnp.asarray(budgets), stop=jnp.asarray(stop), out=jnp.zeros((b, chunk), jnp.int32),
                        out_logp=jnp.zeros((b, chunk), jnp.float32), out_len=jnp.zeros((b,), jnp.int32))
     side.cache, state = decode(side.model_def, side.params, side.cache, rule, step_cap, stop_at_step_end, side.tables,
-                               state)
+                               state, side.groups)
     out, logp, n, stop, automaton = jax.device_get((state.out, state.out_logp, state.out_len, state.stop,
                                                     state.automaton))
     result = {}
@@ -463,7 +489,7 @@ def slots_plan(cfg: Mapping[str, Any], student: Decoder, teacher: Decoder, ratio
             free -= weights
         where += f" / {groups} engine groups" if groups > 1 else ""
     plan = plan_text_path(cfg, student.config, teacher.config, ratio.for_caches, wanted=wanted, free_bytes=free,
-                          where=where)
+                          where=where, groups=groups)
     if plan.slots < 1:
         raise MemoryError(plan.refusal())
     (log.warning if plan.slots < wanted else log.info)("%s", plan.describe())

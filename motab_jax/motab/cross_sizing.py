@@ -14,7 +14,8 @@ there (finish "length"; the engine logs how many did). Measured on MATH-500 (fir
 pooled and worst): o200k/Qwen 0.965 / 0.963, worst 1.05 / 1.11; Qwen/Llama 3 1.050 / 1.046, worst 1.21 / 1.40.
 
 Slots: those whose full-capacity caches fit what the weights leave, less `pool.WORKSPACE_FRACTION`; with
-`memory_budget_gb` set, that budget (weights included) decides. Not even one slot is a MemoryError (the preflight
+`memory_budget_gb` set, that budget (weights included) decides. Over G engine groups (the mesh's `data` axis) each
+group holds a copy of the weights and num_slots / G slots (rounded up) if they fit its share of the memory. Not even one slot is a MemoryError (the preflight
 reports it before any weights load).
 """
 
@@ -91,21 +92,23 @@ def cache_lengths(cfg: Mapping[str, Any], ratio: float) -> tuple[int, int]:
 
 @dataclasses.dataclass(frozen=True)
 class TextPathPlan:
-    """The slots of the text path on one engine group and what sets them."""
+    """The slots of the text path in each engine group and what sets them."""
 
-    wanted: int  # slots asked for (num_slots, at most the trajectories to run)
-    slots: int  # slots whose caches fit (0: not even one; the engine refuses)
+    wanted: int  # slots asked for per group (num_slots / groups rounded up, at most the trajectories to run)
+    slots: int  # slots per group whose caches fit (0: not even one; the engine refuses)
     student_len: int
     teacher_len: int
     slot_bytes: float  # KV bytes of one slot at full capacity, both models
     free_bytes: float  # what the weights leave on the group
     where: str  # where `free_bytes` comes from
+    groups: int = 1
 
     def describe(self) -> str:
-        return (f"text-level synthesis runs {self.slots} of {self.wanted} slots: each slot holds {self.slot_bytes / GIB:.3g} "
-                f"GiB of KV pages at full capacity (student {self.student_len} + teacher {self.teacher_len} "
-                f"positions), and {self.free_bytes / GIB:.3g} GiB are left after the weights ({self.where}; "
-                f"{WORKSPACE_FRACTION:.0%} kept for XLA's workspace)")
+        each = f" in each of {self.groups} engine groups" if self.groups > 1 else ""
+        return (f"text-level synthesis runs {self.slots} of {self.wanted} slots{each}: each slot holds "
+                f"{self.slot_bytes / GIB:.3g} GiB of KV pages at full capacity (student {self.student_len} + teacher "
+                f"{self.teacher_len} positions), and {self.free_bytes / GIB:.3g} GiB{each.replace(' in', ' of')} are "
+                f"left after the weights ({self.where}; {WORKSPACE_FRACTION:.0%} kept for XLA's workspace)")
 
     def refusal(self) -> str:
         return (f"text-level synthesis needs {self.slot_bytes / GIB:.3g} GiB of KV pages per slot (student "
@@ -127,8 +130,9 @@ def slot_bytes(cfg: Mapping[str, Any], student: ModelConfig, teacher: ModelConfi
 
 
 def plan_text_path(cfg: Mapping[str, Any], student: ModelConfig, teacher: ModelConfig, ratio: float, *, wanted: int,
-                   free_bytes: float, where: str) -> TextPathPlan:
-    """The slots whose full-capacity caches fit `free_bytes`, less the workspace fraction."""
+                   free_bytes: float, where: str, groups: int = 1) -> TextPathPlan:
+    """The slots (of `wanted`) whose full-capacity caches fit `free_bytes` (one group's), less the workspace
+    fraction."""
     student_len, teacher_len, per_slot = slot_bytes(cfg, student, teacher, ratio)
     fit = max(int(free_bytes * (1 - WORKSPACE_FRACTION) // per_slot), 0)
-    return TextPathPlan(wanted, min(wanted, fit), student_len, teacher_len, per_slot, free_bytes, where)
+    return TextPathPlan(wanted, min(wanted, fit), student_len, teacher_len, per_slot, free_bytes, where, groups)

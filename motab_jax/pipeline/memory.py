@@ -177,8 +177,9 @@ def generation_pools(config: Any, teacher: ModelConfig, student: ModelConfig,
 
 def text_path_plan(config: Any, teacher: ModelConfig, student: ModelConfig, ratio: TokenRatio,
                    have: float) -> TextPathPlan:
-    """The slots text-level synthesis (a teacher with another tokenizer) would run: `cross_sizing`'s rule with
-    what the weights leave on one engine group of `have` bytes (over all devices), or of `memory_budget_gb`."""
+    """The slots per engine group text-level synthesis (a teacher with another tokenizer) would run:
+    `cross_sizing`'s rule with what the weights leave on one group's share of `have` bytes (over all devices), or
+    of `memory_budget_gb`."""
     s = config.synthesis
     groups = engine_groups(config)
     budget = float(s.memory_budget_gb) * GIB
@@ -186,7 +187,8 @@ def text_path_plan(config: Any, teacher: ModelConfig, student: ModelConfig, rati
     where = (f"memory_budget_gb={s.memory_budget_gb:g}" if budget else f"{format_bytes(have)} over "
              f"{jax.device_count()} device(s)") + (f" / {groups} engine groups" if groups > 1 else "")
     return plan_text_path(dict(s), _cached(student, config.student), _cached(teacher, config.teacher),
-                          ratio.for_caches, wanted=int(s.num_slots), free_bytes=free, where=where)
+                          ratio.for_caches, wanted=-(-int(s.num_slots) // groups), free_bytes=free, where=where,
+                          groups=groups)
 
 
 def _micro_rows(section: Any, rows: int) -> int:
