@@ -296,7 +296,10 @@ def test_ctrl_c_stops_run_py_with_one_line_and_keeps_the_run_directory(tmp_path)
     run = tmp_path / "run"
     process = subprocess.Popen([sys.executable, "run.py", "--config.stages=models", f"--config.run_dir={run}",
                                 "--config.data.demo_train=4", "--config.data.demo_held_out=2"], cwd=ROOT,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               # As in a terminal: a suite started in the background by a non-interactive shell
+                               # inherits SIGINT ignored, which run.py rightly keeps (it would never see Ctrl-C).
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while process.poll() is None and time.monotonic() < deadline:
         log = run / "run.log"
