@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from fixtures.make_golden import GOLDEN_DIR, TOKENIZER_SIZE
 from motab_jax.models.safetensors_io import SafetensorsFile
@@ -49,6 +50,7 @@ def test_two_process_mesh_load_forward_export(tmp_path):
         np.testing.assert_array_equal(exported.get(name), original.get(name), err_msg=name)
 
 
+@pytest.mark.slow  # ~55 s; the fast set keeps the two-process load / forward / export test
 def test_two_process_training_equals_one_process(tmp_path):
     from multihost_worker import train_losses
 

@@ -95,8 +95,9 @@ def _steps(model, batches, micro: int = 1, steps: int = 2, mesh=None):
     return losses, {k: np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(state.params)}
 
 
-@pytest.mark.parametrize("mesh_config", [MeshConfig(data=1, fsdp=8), MeshConfig(data=2, tensor=4),
-                                         MeshConfig(data=2, fsdp=2, tensor=2)])
+@pytest.mark.parametrize("mesh_config", [  # the fast set keeps the mesh that uses all three axes
+    pytest.param(MeshConfig(data=1, fsdp=8), marks=pytest.mark.slow),
+    pytest.param(MeshConfig(data=2, tensor=4), marks=pytest.mark.slow), MeshConfig(data=2, fsdp=2, tensor=2)])
 def test_sharded_step_equals_single_device(mesh_config):
     single_losses, single_params = _single_device_run()
     mesh = make_mesh(mesh_config)
