@@ -5,10 +5,13 @@ Override any field on the command line: `python run.py --config=configs/base.py 
 
 from __future__ import annotations
 
+import dataclasses
 import ml_collections
 
 from motab_jax.motab.config import DEFAULTS as SYNTHESIS_DEFAULTS
 from motab_jax.text.harmony import DEFAULT_REASONING
+from motab_jax.train.on_policy import RolloutConfig
+from motab_jax.train.optimizer import OptimizerConfig
 
 
 def model_spec(path: str = "") -> ml_collections.ConfigDict:
@@ -102,9 +105,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.synthesis = ml_collections.ConfigDict(dict(SYNTHESIS_DEFAULTS))
 
     # SFT (spec section 5, the paper's recipe).
+    # The optimizer's defaults (AdamW, lr 5e-5 cosine to 1e-6, 5% warmup, clip 1.0) are OptimizerConfig's.
+    optimizer = dataclasses.asdict(OptimizerConfig())
     config.sft = ml_collections.ConfigDict(dict(
-        learning_rate=5e-5, min_learning_rate=1e-6, warmup_ratio=0.05, weight_decay=0.1, beta1=0.9, beta2=0.95,
-        eps=1e-8, clip_norm=1.0, epochs=6, global_batch_size=32, micro_batches=1, seq_len=32768, cutoff_len=32768,
+        **optimizer, epochs=6, global_batch_size=32, micro_batches=1, seq_len=32768, cutoff_len=32768,
         seed=42, save_every=100, keep_last=2, chunk_size=512))
     # Demo only: per-role overrides of the sft section for the "pretrain" stage.
     config.pretrain = ml_collections.ConfigDict(dict(teacher=ml_collections.ConfigDict(),
@@ -113,11 +117,12 @@ def get_config() -> ml_collections.ConfigDict:
     # Optional on-policy KD after SFT (spec section 6): stage "kd". Losses: reverse_kl, forward_kl, jsd (beta),
     # akl (alpha), skew_kl (alpha), skew_reverse_kl (alpha). from_policy: start from sft_<policy> ('' = the
     # initial student).
+    # Rollout defaults (5 per prompt, T 0.6, top-p 0.95, 32768 new tokens, 10 epochs) are RolloutConfig's.
+    rollouts = {k: v for k, v in dataclasses.asdict(RolloutConfig()).items() if k != "seed"}
     config.kd = ml_collections.ConfigDict(dict(
-        from_policy="motab", loss="reverse_kl", beta=0.5, alpha=0.5, learning_rate=2e-6, min_learning_rate=0.0,
-        warmup_ratio=0.05, weight_decay=0.1, beta1=0.9, beta2=0.95, eps=1e-8, clip_norm=1.0, epochs=10,
-        prompts_per_step=8, samples_per_prompt=5, temperature=0.6, top_p=0.95, max_new_tokens=32768,
-        seq_len=34816, seed=42, micro_batches=1, chunk_size=512, save_every=50, keep_last=2))
+        from_policy="motab", loss="reverse_kl", beta=0.5, alpha=0.5, **{**optimizer, "learning_rate": 2e-6,
+                                                                        "min_learning_rate": 0.0},
+        **rollouts, seed=42, micro_batches=1, chunk_size=512, save_every=50, keep_last=2))
 
     # Evaluation (spec section 7): comma-separated benchmarks (math500, aime24, aime25, amc23, gsm8k,
     # gpqa_diamond, ifeval, hub:<id>, a JSONL path, or "demo" for the demo's held-out problems). samples=0 takes

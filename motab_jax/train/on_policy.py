@@ -27,7 +27,7 @@ class RolloutConfig:
     max_new_tokens: int = 32768
     temperature: float = 0.6
     top_p: float = 0.95
-    seq_len: int = 33792  # prompt + completion; longer rows are truncated
+    seq_len: int = 34816  # prompt (max_prompt_len 2048) + completion (32768); longer rows are truncated
     epochs: int = 10
     seed: int = 0
 
