@@ -247,3 +247,20 @@ def test_cross_vocabulary_synthesis_over_engine_groups_equals_one_device(caplog)
                     assert a[key] is None
                 else:
                     np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+
+def test_teacher_steps_past_the_trajectory_cap_end_at_the_students_cache_instead_of_overflowing_it():
+    """skd_step rewinds each rejected step and hands the teacher's step back to the student. Past traj_cap the
+    student writes one token per step, so with most steps rejected the teacher's steps pile up; when they fill the
+    student's cache the trajectory ends there (finish 'length'), where it used to stop the job with a page error."""
+    student, teacher, s_tok, t_tok = _pair()
+    cfg = dict(SETTINGS, policy="skd_step", gamma=1e6, traj_cap=8, step_cap=8, max_steps=400, page_size=8,
+               # Short teacher steps (random tokens often hold an "e"), each well under its budget; this random
+               # teacher's text takes ~2 SmolLM2 ids per Qwen id, so its steps fill the student's cache first.
+               delimiter="e", teacher_min_budget=64)
+    records = list(motab_jax.synthesize(student, teacher, s_tok, QUESTIONS[:2], cfg, progress=False,
+                                        teacher_tokenizer=t_tok))
+    assert len(records) == 2
+    for record in records:
+        assert record["finish_reason"] == "length", record["finish_reason"]
+        assert record["tokens"]["teacher"] > cfg["traj_cap"]  # the teacher's steps went past the cap

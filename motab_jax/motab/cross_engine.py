@@ -195,7 +195,7 @@ class _Trajectory:
     interventions: int = 0
     teacher_forwards: int = 0
     finish: int = 0
-    at_capacity: bool = False  # ended because the teacher's context reached its cache's capacity
+    at_capacity: bool = False  # ended because a context (the teacher's, or the student's after a teacher step) filled its cache
 
 
 def run_cross_engine(spec: EngineSpec, student: Decoder, teacher: Decoder, student_tokenizer: Any,
@@ -247,9 +247,10 @@ def run_cross_engine(spec: EngineSpec, student: Decoder, teacher: Decoder, stude
     log.info("cross-vocabulary synthesis: %d incremental encodes, %d characters encoded, %d full re-encodes",
              stats.calls, stats.chars_encoded, stats.full_encodes)
     if at_capacity:
-        log.warning("cross-vocabulary synthesis: %d of %d trajectories reached the teacher's context capacity (%d "
-                    "positions, sized for %.3f teacher tokens per student token) and were cut there", at_capacity,
-                    len(jobs), sides["teacher"].capacity, ratio.for_caches)
+        log.warning("cross-vocabulary synthesis: %d of %d trajectories reached a cache's capacity (teacher %d "
+                    "positions, sized for %.3f teacher tokens per student token; student %d) and were cut there "
+                    "(finish 'length')", at_capacity, len(jobs), sides["teacher"].capacity, ratio.for_caches,
+                    sides["student"].capacity)
 
 
 def _keys(base: jax.Array, trajectories: list[_Trajectory | None], model: int) -> jax.Array:
@@ -461,6 +462,11 @@ def _teach(spec: EngineSpec, sides: dict[str, _Side], slots: list[_Trajectory | 
                 traj.mode = DONE
                 continue
             _hand_back(sides, traj)
+            if len(traj.student_ids) >= sides["student"].capacity:
+                # The teacher's step, in the student's tokens, filled the student's cache (sized for the prompt and
+                # traj_cap): the trajectory is over its cap anyway, so it ends here instead of writing past the cache.
+                traj.mode, traj.finish, traj.at_capacity = DONE, FINISH_LENGTH, True
+                continue
             handed_back[slot] = traj
         # Both caches take the new context: the teacher its canonical encoding (and the entropy after it, which
         # sets the next step's boundary), the student its ids but the pending last one.
