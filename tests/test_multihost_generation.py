@@ -57,6 +57,24 @@ def test_generation_mode_is_validated():
         "distributed.generation_mode='pipeline': accepted auto, data_parallel, global_mesh"]
 
 
+def test_one_engine_over_hosts_is_accepted_for_token_synthesis_only():
+    """A copy of the models over 8 devices of 2 hosts x 4: global_mesh (auto or named) runs synthesis with token-level
+    scoring; eval and text-level scoring are refused with the arithmetic and what to do."""
+    config = demo.get_config()
+    config.mesh.data, config.mesh.tensor = 1, 8
+    for mode in ("auto", "global_mesh"):
+        config.distributed.generation_mode = mode
+        assert multihost_problems(config, ["synthesize"], 2) == []
+        (problem,) = multihost_problems(config, ["synthesize", "eval"], 2)
+        assert "= 8 device(s); a host has 4" in problem and "the eval stage over a mesh spanning hosts" in problem
+    config.synthesis.scoring = "text"
+    (problem,) = multihost_problems(config, ["synthesize"], 2)
+    assert "synthesis.scoring='text' (the cross-vocabulary engine)" in problem
+    config.distributed.generation_mode = "data_parallel"
+    (problem,) = multihost_problems(config, ["synthesize"], 2)
+    assert "set mesh.fsdp x mesh.tensor to a divisor of 4" in problem
+
+
 def test_shards_split_the_trajectories_once_with_global_positions():
     """Every (question, sample) pair is in exactly one process's queue, under its one-process position (its key)."""
     from motab_jax.motab.config import resolve_config
@@ -119,9 +137,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _commands(run: Path, processes: int) -> list[tuple[list[str], dict[str, str]]]:
-    """run.py for each process of a job over 8 CPU devices in all."""
-    base = [sys.executable, "run.py", f"--config.run_dir={run}"] + [f"--config.{k}={v}" for k, v in JOB.items()]
+def _commands(run: Path, processes: int, job: dict | None = None) -> list[tuple[list[str], dict[str, str]]]:
+    """run.py for each process of a job (default `JOB`) over 8 CPU devices in all."""
+    base = [sys.executable, "run.py", f"--config.run_dir={run}"] + [f"--config.{k}={v}"
+                                                                     for k, v in (job or JOB).items()]
     port = _free_port()
     out = []
     for i in range(processes):
@@ -134,9 +153,9 @@ def _commands(run: Path, processes: int) -> list[tuple[list[str], dict[str, str]
     return out
 
 
-def _start(run: Path, processes: int) -> list[subprocess.Popen]:
+def _start(run: Path, processes: int, job: dict | None = None) -> list[subprocess.Popen]:
     return [subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            for command, env in _commands(run, processes)]
+            for command, env in _commands(run, processes, job)]
 
 
 def _finish(procs: list[subprocess.Popen]) -> None:
@@ -145,9 +164,9 @@ def _finish(procs: list[subprocess.Popen]) -> None:
         assert proc.returncode == 0, out[-4000:]
 
 
-def _run(run: Path, processes: int) -> float:
+def _run(run: Path, processes: int, job: dict | None = None) -> float:
     start = time.monotonic()
-    _finish(_start(run, processes))
+    _finish(_start(run, processes, job))
     return time.monotonic() - start
 
 
@@ -224,3 +243,41 @@ def test_hosts_that_do_not_share_the_run_directory_are_refused(tmp_path):
         assert proc.returncode == 1, err[-3000:]
         assert "process(es) [1] of 2 do not see the files process 0 writes there" in err.splitlines()[-1]
     assert not (tmp_path / "run" / "stages" / "synthesize.inputs.json").exists()
+
+
+def _approx(value):
+    """`value` with every float compared to float32 rounding (a relative 1e-5), everything else exactly."""
+    if isinstance(value, float):
+        return pytest.approx(value, rel=1e-5, abs=1e-7)
+    if isinstance(value, dict):
+        return {k: _approx(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_approx(v) for v in value]
+    return value
+
+
+# One copy of the models over all 8 devices (tensor=8): more than a host's 4, so `auto` runs one engine over both
+# processes; the MLP and embedding weights are split across them (the demo's 2 KV heads stay whole).
+GLOBAL_JOB = dict(JOB, stages="synthesize", **{"mesh.data": 1, "mesh.tensor": 8, "teacher.path": "", "student.path": ""})
+
+
+@pytest.mark.slow
+def test_one_engine_over_two_processes_synthesizes_as_one(tmp_path):
+    """generation_mode=auto picks global_mesh; the records (MOTAB sampled, teacher-only greedy) equal a one-process
+    run over the same mesh shape: the same tokens, steps and decisions, the scores to float32 rounding (the
+    all-reduce across processes (gloo) sums in another order than the one inside a process); only process 0 wrote
+    them."""
+    reference, run = tmp_path / "one", tmp_path / "two"
+    one_seconds = _run(reference, 1, GLOBAL_JOB)
+    two_seconds = _run(run, 2, GLOBAL_JOB)
+    for name in OUTPUTS[:2]:
+        records, expected = read_jsonl(run / name), read_jsonl(reference / name)
+        assert [(r["id"], r["sample_index"]) for r in records] == [(r["id"], r["sample_index"]) for r in expected]
+        assert records == _approx(expected), name
+    keys = [(r["id"], r["sample_index"]) for r in read_jsonl(run / "synthesis_motab.jsonl")]
+    assert len(keys) == len(set(keys)) == 16
+    log = (run / "run.log").read_text()
+    assert "synthesize / eval: global_mesh" in log and "8 does not divide 4" in log
+    assert not list(run.glob(".global_mesh/*/*.jsonl")) and not list(run.glob("*.part-*-of-*.jsonl"))
+    print(f"\nwall time, one engine: one process (8 devices) {one_seconds:.0f} s, two processes (4 + 4 devices, "
+          f"tensor-parallel across them) {two_seconds:.0f} s: ratio {two_seconds / one_seconds:.2f}")

@@ -131,20 +131,25 @@ class PagedKVCache(SequenceLengths):
             raise ValueError(f"page table shape {table.shape} != the cache's {self.page_table.shape}")
         return dataclasses.replace(self, page_table=table)
 
-    def placed(self, mesh: jax.sharding.Mesh, rules: Mapping[str, Any] | None = None) -> PagedKVCache:
-        """The cache on `mesh` by the sharding rules (default: the training rules): pools split over KV heads
-        (and, under `SAMPLING_RULES`, over `data` on the pool axis: one contiguous pool per engine group), the
-        page table, lengths and drop counts split like the batch. A rule set that splits the batch must split
-        the pool the same way (the engine's groups run under `shard_map` with group-local page ids)."""
-        from motab_jax.models.sharding import DEFAULT_RULES, shard_array
+    def shardings(self, mesh: jax.sharding.Mesh, rules: Mapping[str, Any] | None = None) -> PagedKVCache:
+        """Where each array of the cache lives on `mesh` by the sharding rules (default: the training rules): pools
+        split over KV heads (and, under `SAMPLING_RULES`, over `data` on the pool axis: one contiguous pool per
+        engine group), the page table, lengths and drop counts split like the batch. A rule set that splits the
+        batch must split the pool the same way (the engine's groups run under `shard_map` with group-local page
+        ids). Works on a cache of `jax.ShapeDtypeStruct`s too (`jax.eval_shape`)."""
+        from motab_jax.models.sharding import DEFAULT_RULES, logical_sharding
 
         rules = rules or DEFAULT_RULES
         axes = HEAD_MAJOR_AXES if self.layout == "head_major" else COMBINED_AXES
-        put = lambda a: None if a is None else shard_array(a, mesh, axes, rules)
-        per_seq = lambda a: shard_array(a, mesh, ("batch",) + (None,) * (a.ndim - 1), rules)
-        return dataclasses.replace(self, k_pages=put(self.k_pages), v_pages=put(self.v_pages),
+        pool = lambda a: None if a is None else logical_sharding(mesh, axes, a.shape, rules)
+        per_seq = lambda a: logical_sharding(mesh, ("batch",) + (None,) * (len(a.shape) - 1), a.shape, rules)
+        return dataclasses.replace(self, k_pages=pool(self.k_pages), v_pages=pool(self.v_pages),
                                    page_table=per_seq(self.page_table), lengths=per_seq(self.lengths),
                                    dropped=per_seq(self.dropped))
+
+    def placed(self, mesh: jax.sharding.Mesh, rules: Mapping[str, Any] | None = None) -> PagedKVCache:
+        """The cache on `mesh` as `shardings` says (from one process's arrays)."""
+        return jax.tree.map(jax.device_put, self, self.shardings(mesh, rules))
 
     # ------------------------------------------------------------------ device-side access
     def page_slots(self, positions: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:

@@ -12,7 +12,8 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
-from typing import Any, Iterator, Sequence
+import zlib
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +28,7 @@ from motab_jax.models.transformer import Decoder
 from motab_jax.motab.engine import EngineSpec, read_rows, release_slots, run_iterations, start_slots
 from motab_jax.motab.pool import PoolPlan
 from motab_jax.motab.scheduler import Scheduler
-from motab_jax.motab.state import CACHE_FIELDS, EngineState, empty_state
+from motab_jax.motab.state import CACHE_FIELDS, SLOT_FIELDS, EngineState, empty_state
 from motab_jax.motab.transition import EngineTables
 from motab_jax.sampling.sampler import bucket
 from motab_jax.text.incremental import EncoderStats
@@ -63,15 +64,79 @@ def _pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-def _placed(state: EngineState, mesh: Mesh | None) -> EngineState:
-    """On a mesh: split by the sampling rules (page pools over KV heads within a group; slots, page tables and
-    pools over `data`, one engine group per data index)."""
+def _state_shardings(shapes: EngineState, mesh: Mesh) -> EngineState:
+    """Where each field of the state lives on `mesh`, by the sampling rules: page pools over KV heads within a
+    group; slots, page tables and pools over `data`, one engine group per data index."""
+    slots = NamedSharding(mesh, PartitionSpec("data"))
+    rest = {name: slots for name in SLOT_FIELDS}
+    caches = {name: getattr(shapes, name).shardings(mesh, SAMPLING_RULES) for name in CACHE_FIELDS}
+    return dataclasses.replace(shapes, **rest, **caches)
+
+
+def _empty_placed(make: Callable[[], EngineState], mesh: Mesh | None) -> EngineState:
+    """`make()` (the empty state), created in place on `mesh`: each device computes only its shard, so no host
+    or single device ever holds a whole pool, and a mesh spanning processes needs no transfer from a host."""
     if mesh is None:
-        return state
-    rest = dataclasses.replace(state, student_cache=None, teacher_cache=None)
-    rest = jax.device_put(rest, NamedSharding(mesh, PartitionSpec("data")))
-    return dataclasses.replace(rest, **{name: getattr(state, name).placed(mesh, SAMPLING_RULES)
-                                        for name in CACHE_FIELDS})
+        return make()
+    return jax.jit(make, out_shardings=_state_shardings(jax.eval_shape(make), mesh))()
+
+
+class _Host:
+    """Host values to and from the engine's arrays. On a mesh spanning processes (one engine over several hosts)
+    every process runs the same host loop on the same values: an input is assembled from each process's own
+    copy of the value (`make_array_from_callback`), and an output is gathered so that every process reads all of
+    it (`process_allgather`), so the next decision is the same everywhere."""
+
+    def __init__(self, mesh: Mesh | None):
+        self.mesh = mesh
+
+    def put(self, value: np.ndarray, spec: PartitionSpec = PartitionSpec()) -> jax.Array:
+        """`value` (the same on every process) as an array split by `spec` (default: replicated)."""
+        value = np.array(value)  # a copy: the caller reuses its buffer, and a CPU transfer may alias it
+        if self.mesh is None:
+            return jnp.asarray(value)
+        return to_global(value, NamedSharding(self.mesh, spec))
+
+    def keys(self, key_data: np.ndarray) -> jax.Array:
+        """Typed PRNG keys from their raw data [n, 2] (the same on every process), split over `data`."""
+        return jax.random.wrap_key_data(self.put(key_data, PartitionSpec("data")))
+
+    def get(self, tree: Any) -> Any:
+        """numpy values of every array in `tree`, on every process."""
+        return jax.tree.map(to_host, tree)
+
+
+def _check_same_everywhere(pool: PoolPlan, jobs: Sequence[Job], seed: int) -> None:
+    """One engine over several processes runs one host loop in each: refuse to start unless every process has the
+    same pool plan, jobs and seed (else their decisions, and the collectives they issue, would diverge)."""
+    from jax.experimental import multihost_utils
+
+    plan = (pool.num_slots, pool.page_size, pool.max_len, pool.max_prompt_len, pool.num_pages, pool.groups)
+    jobs_seen = [(j.index, j.key_id, j.prompt) for j in jobs]
+    fingerprint = zlib.crc32(repr((plan, seed, jobs_seen)).encode()) & 0x7FFFFFFF
+    values = multihost_utils.process_allgather(np.asarray([fingerprint, len(jobs), pool.num_pages], np.int32))
+    if (values != values[:1]).any():
+        raise RuntimeError(f"one engine over {jax.process_count()} processes: their jobs or pool plans differ "
+                           f"(per process [fingerprint, jobs, pages per group]: {values.tolist()}); every process must "
+                           "see the same questions, finished records and memory budget (set the pool's size explicitly, "
+                           "e.g. synthesis.num_pages, when the hosts' free memory differs)")
+
+
+def to_global(value: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
+    """`value`, which every process holds identically, as an array placed by `sharding` (which may span
+    processes: each process places its own devices' slices)."""
+    if sharding.is_fully_addressable:
+        return jax.device_put(value, sharding)
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
+def to_host(array: jax.Array) -> np.ndarray:
+    """The whole of `array` as numpy on every process (a gather across processes when it spans them)."""
+    if array.is_fully_addressable:
+        return np.asarray(jax.device_get(array))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(array, tiled=True))
 
 
 def _mesh_of(params: Any) -> Mesh | None:
@@ -90,7 +155,7 @@ def engine_groups(model: Decoder) -> int:
 
 
 def _commit(cache: PagedKVCache, table: np.ndarray) -> PagedKVCache:
-    return dataclasses.replace(cache, page_table=jax.device_put(table, cache.page_table.sharding))
+    return dataclasses.replace(cache, page_table=to_global(table, cache.page_table.sharding))
 
 
 class _Groups:
@@ -158,19 +223,29 @@ def run_engine(spec: EngineSpec, student: Decoder, teacher: Decoder, tables: Eng
     if data_groups(mesh) != pool.groups:
         raise ValueError(f"the pool plan has {pool.groups} engine group(s) but the models' mesh has a data axis of "
                          f"{data_groups(mesh)}: plan the pool with groups=data_groups(mesh)")
+    if mesh is not None and mesh.is_multi_process:
+        _check_same_everywhere(pool, jobs, seed)
     groups = mesh if pool.groups > 1 else None
     # The caches hold every group's pool back to back; inside the loop each group sees its own (shard_map).
     num_pages = pool.groups * pool.num_pages
-    student_cache = student.init_paged_cache(b, pool.max_len, page_size=page, num_pages=num_pages, impl=paged_impl)
-    # A policy without the teacher gets a token teacher pool: the null page and one more per group.
-    teacher_cache = (teacher.init_paged_cache(b, pool.max_len, page_size=page, num_pages=num_pages, impl=paged_impl)
-                     if spec.uses_teacher
-                     else teacher.init_paged_cache(b, page, page_size=page, num_pages=2 * pool.groups, impl=paged_impl))
-    state = _placed(empty_state(b, spec.out_cap, spec.max_steps, student_cache, teacher_cache), mesh)
+
+    def make() -> EngineState:
+        student_cache = student.init_paged_cache(b, pool.max_len, page_size=page, num_pages=num_pages,
+                                                 impl=paged_impl)
+        # A policy without the teacher gets a token teacher pool: the null page and one more per group.
+        teacher_cache = (
+            teacher.init_paged_cache(b, pool.max_len, page_size=page, num_pages=num_pages, impl=paged_impl)
+            if spec.uses_teacher
+            else teacher.init_paged_cache(b, page, page_size=page, num_pages=2 * pool.groups, impl=paged_impl))
+        return empty_state(b, spec.out_cap, spec.max_steps, student_cache, teacher_cache)
+
+    state = _empty_placed(make, mesh)
+    io = _Host(mesh)
+    tables = jax.tree.map(lambda a: io.put(np.asarray(a)), tables) if mesh is not None else tables
     sharding = state.student_cache.k_pages.sharding
     stats.pool_sharding = sharding.spec if isinstance(sharding, NamedSharding) else None
     growth = iterations_per_sync * spec.tokens_per_iteration + 1
-    host = _Groups(pool, 2 if spec.uses_teacher else 1, student_cache.pages_per_seq, growth)
+    host = _Groups(pool, 2 if spec.uses_teacher else 1, state.student_cache.pages_per_seq, growth)
     for job in jobs:
         host.submit(job)
     base_key = jax.random.key(seed)
@@ -184,10 +259,10 @@ def run_engine(spec: EngineSpec, student: Decoder, teacher: Decoder, tables: Eng
         if spec.uses_teacher:
             state = dataclasses.replace(state, teacher_cache=_commit(state.teacher_cache, host.table(1)))
         if release.any():
-            state = release_slots(state, jnp.asarray(release))
+            state = release_slots(state, io.put(release, PartitionSpec("data")))
             release[:] = False
         state = _start(spec, student_def, teacher_def, student_params, teacher_params, state, started, base_key,
-                       stats, host.size, groups)
+                       stats, host.size, groups, io)
         for slot, job in started:
             ctx_len[slot] = len(job.prompt)
         stats.preemptions = host.preemptions
@@ -197,9 +272,10 @@ def run_engine(spec: EngineSpec, student: Decoder, teacher: Decoder, tables: Eng
             return
         # With nothing queued a finished slot cannot be refilled: run on until every slot is done.
         state, count = run_iterations(spec, student_def, teacher_def, student_params, teacher_params, tables, state,
-                                      jnp.asarray(iterations_per_sync, jnp.int32), jnp.asarray(host.queued), groups)
-        finished, ctx_len, dropped = jax.device_get(
-            (state.finished, state.ctx_len, state.student_cache.dropped.sum() + state.teacher_cache.dropped.sum()))
+                                      io.put(np.int32(iterations_per_sync)), io.put(np.bool_(host.queued)), groups)
+        finished, ctx_len, dropped, count = io.get(
+            (state.finished, state.ctx_len, state.student_cache.dropped.sum() + state.teacher_cache.dropped.sum(),
+             count))
         stats.syncs, stats.iterations = stats.syncs + 1, stats.iterations + int(count)
         if dropped:
             raise RuntimeError(f"engine: {int(dropped)} KV writes found no page: the scheduler's top-up is wrong "
@@ -207,7 +283,7 @@ def run_engine(spec: EngineSpec, student: Decoder, teacher: Decoder, tables: Eng
         ctx_len = np.asarray(ctx_len, np.int64)
         done = np.flatnonzero(finished)
         if done.size:
-            rows = jax.device_get(read_rows(state, jnp.asarray(done)))
+            rows = io.get(read_rows(state, io.put(done.astype(np.int32))))
             for n, slot in enumerate(done):
                 job = host.finish(int(slot))
                 yield job, {name: values[n] for name, values in rows.items()}
@@ -216,15 +292,14 @@ def run_engine(spec: EngineSpec, student: Decoder, teacher: Decoder, tables: Eng
 
 def _start(spec: EngineSpec, student_def: Any, teacher_def: Any, student_params: Any, teacher_params: Any,
            state: EngineState, started: list[tuple[int, Job]], base_key: jax.Array, stats: EngineStats,
-           group_size: int, groups: Mesh | None) -> EngineState:
+           group_size: int, groups: Mesh | None, io: _Host) -> EngineState:
     """Prefill and reset the started slots: one call per prompt-width bucket, rows padded to a power of two (per
     engine group: each group gets the same number of rows, with its own slot ids)."""
     buckets: dict[int, list[tuple[int, Job]]] = {}
     for slot, job in started:
         buckets.setdefault(bucket(len(job.prompt)), []).append((slot, job))
     num_groups = 1 if groups is None else groups.shape["data"]
-    put = (lambda a: jnp.asarray(a)) if groups is None else (
-        lambda a: jax.device_put(a, NamedSharding(groups, PartitionSpec("data"))))
+    put = lambda a: io.put(a, PartitionSpec("data"))  # noqa: E731
     for width, members in sorted(buckets.items()):
         per_group: list[list[tuple[int, Job]]] = [[] for _ in range(num_groups)]
         for slot, job in members:
@@ -238,10 +313,11 @@ def _start(spec: EngineSpec, student_def: Any, teacher_def: Any, student_params:
             for i, (slot, job) in enumerate(group):
                 slots[g, i], lens[g, i], ids[g, i] = slot, len(job.prompt), job.key_id
                 prompts[g, i, :len(job.prompt)] = job.prompt
-        keys = jax.vmap(lambda i: jax.random.fold_in(base_key, i))(jnp.asarray(ids.reshape(-1)))
+        # Computed on this host (the same on every process), then placed like the rows.
+        keys = np.asarray(jax.random.key_data(jax.vmap(lambda i: jax.random.fold_in(base_key, i))(ids.reshape(-1))))
         state = start_slots(spec, student_def, teacher_def, student_params, teacher_params, state,
                             put(slots.reshape(-1)), put(prompts.reshape(num_groups * n, width)), put(lens.reshape(-1)),
-                            put(keys) if groups is not None else keys, groups)
+                            io.keys(keys), groups)
         rows = num_groups * n
         stats.prefill_calls += 1
         stats.prefill_rows += rows

@@ -10,8 +10,14 @@
   the stage's single output, in canonical order (`jsonl.merge_shards`). Random keys come from (seed, question
   position, sample index), so the merged records are a one-host run's. No device collective runs during
   generation: the only traffic is the barrier and the shared file system.
-- "global_mesh": one engine over a mesh spanning the hosts (a model that needs several hosts' memory). Not
-  implemented yet: validation refuses it (`generation_problems`) with what to do instead.
+- "global_mesh": one engine over a mesh spanning the hosts (a model that needs several hosts' memory), for the
+  synthesize stage with one vocabulary (token-level scoring). Every process runs the same host loop on the same
+  values (`motab.driver`: inputs assembled from each process's identical copy, outputs gathered to every
+  process), so every scheduler decision is the same everywhere; process 0 appends the records. The others append
+  theirs to a private copy of the output taken before the engine starts (`private_output`): every process skips
+  the same finished pairs on resume, since process 0 cannot write before the others joined the engine's first
+  collective. Each decode step's tensor-parallel all-reduces cross hosts. Evaluation and the text-level
+  (cross-vocabulary) engine are refused in this mode (`generation_problems`).
 - "auto": data_parallel when the model-parallel group (mesh.fsdp x mesh.tensor devices, which holds one copy of
   each model) fits inside one host's devices, global_mesh otherwise.
 
@@ -100,16 +106,41 @@ def generation_problems(config: Any, stages: list[str], process_count: int) -> l
         MeshConfig(**config.mesh).shape(jax.device_count())
     except (ValueError, TypeError):
         return []  # validation reports the mesh itself
-    try:
-        plan = generation_plan(config)
+    try:  # devices split evenly over the processes, as jax.distributed does
+        plan = plan_generation(str(config.distributed.generation_mode), MeshConfig(**config.mesh), process_index=0,
+                               process_count=process_count, device_count=jax.device_count(),
+                               local_device_count=jax.device_count() // process_count)
     except ValueError as e:
         return [str(e)]
-    if plan.mode == "global_mesh":
-        return [f"distributed.generation_mode={config.distributed.generation_mode!r}: {plan.why}; one engine over a "
-                "mesh spanning hosts is not implemented yet: give each copy of the models at most one host's devices "
-                "(mesh.fsdp x mesh.tensor dividing a host's device count) with generation_mode='data_parallel', or "
-                "run synthesize / eval on one host (distributed.num_processes=1)"]
-    return []
+    if plan.mode != "global_mesh":
+        return []
+    problems = []
+    hint = ("give each copy of the models at most one host's devices (mesh.fsdp x mesh.tensor dividing a host's device "
+            "count) with generation_mode='data_parallel', or run it on one host (distributed.num_processes=1)")
+    if "eval" in stages:
+        problems.append(f"distributed.generation_mode={config.distributed.generation_mode!r}: {plan.why}; the eval "
+                        f"stage over a mesh spanning hosts is not implemented yet: {hint}")
+    if "synthesize" in stages and str(config.synthesis.get("scoring", "auto")) == "text":
+        problems.append(f"distributed.generation_mode={config.distributed.generation_mode!r}: {plan.why}; "
+                        "synthesis.scoring='text' (the cross-vocabulary engine) over a mesh spanning hosts is not "
+                        f"implemented yet: use scoring='auto' with a teacher of the student's vocabulary, or {hint}")
+    return problems
+
+
+def private_path(path: Path) -> Path:
+    """This process's private copy of `path` (`private_output`)."""
+    return path.parent / ".global_mesh" / f"process{jax.process_index()}" / path.name
+
+
+def private_output(path: Path) -> Path:
+    """Where a process other than 0 appends the records of `path` in global_mesh mode: a copy of `path` as it is
+    now (the finished pairs every process skips), private to this process. Process 0 writes `path` itself."""
+    if is_primary():
+        return path
+    private = private_path(path)
+    private.parent.mkdir(parents=True, exist_ok=True)
+    private.write_bytes(path.read_bytes() if path.exists() else b"")
+    return private
 
 
 def generation_mesh(config: Any, mesh: Mesh) -> Mesh:

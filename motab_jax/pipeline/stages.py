@@ -30,7 +30,8 @@ from motab_jax.models.sharding import SAMPLING_RULES
 from motab_jax.motab import synthesize
 from motab_jax.motab.synthesize import parse_questions
 from motab_jax.pipeline.demo_data import write_demo_data
-from motab_jax.pipeline.multihost import all_gather, generation_mesh, generation_plan, is_primary, wait_for_all
+from motab_jax.pipeline.multihost import (all_gather, generation_mesh, generation_plan, is_primary, private_output,
+                                          private_path, wait_for_all)
 from motab_jax.pipeline.policy_runs import PolicyRun, find_run, policy_runs
 from motab_jax.pipeline.stage_inputs import UnfinishedInput, done_path
 from motab_jax.pipeline.summary import results_entry
@@ -157,18 +158,29 @@ def run_synthesize_stage(config: Any, run_dir: Path, mesh: Mesh) -> dict[str, An
         teacher_tokenizer = None
     except VocabularyMismatchError:  # the teacher judges the student's text (motab.cross_engine)
         tokenizer, teacher_tokenizer = student_tokenizer, tokenizer
+    if plan.mode == "global_mesh" and teacher_tokenizer is not None:
+        raise ValueError("distributed.generation_mode='global_mesh' runs the one-vocabulary engine only, but the teacher's "
+                         "tokenizer differs from the student's (the cross-vocabulary engine): use generation_mode="
+                         "'data_parallel' with a mesh whose mesh.fsdp x mesh.tensor fits one host, or one host")
     questions = _read_questions(_questions_file(config, run_dir), config.data.limit, config.data.question_fields)
     runs = policy_runs(config)
     new_records = []
     for run in runs:
+        output = run_dir / f"synthesis_{run.stem}.jsonl"
+        # One engine over every host: process 0 writes the records, the others a private copy (multihost docs).
         section = dict(run.synthesis_section(config.synthesis.to_dict()),
-                       output_path=str(run_dir / f"synthesis_{run.stem}.jsonl"))
+                       output_path=str(private_output(output) if plan.mode == "global_mesh" else output))
         section["extra_stop_tokens"] = tuple(section["extra_stop_tokens"])
         new_records.append(sum(1 for _ in synthesize(student, teacher, tokenizer, questions, section,
                                                      teacher_tokenizer=teacher_tokenizer, shard=plan.shard)))
     wait_for_all("synthesis: every shard written")  # a host that finished early waits here
-    new_records = [sum(counts) for counts in zip(*all_gather("synthesis: new records", new_records))]
+    gathered = all_gather("synthesis: new records", new_records)
+    # One engine over every host: each process counted the same records.
+    new_records = gathered[0] if plan.mode == "global_mesh" else [sum(counts) for counts in zip(*gathered)]
     if not is_primary():
+        if plan.mode == "global_mesh":
+            for run in runs:
+                private_path(run_dir / f"synthesis_{run.stem}.jsonl").unlink(missing_ok=True)
         return {}
     # Canonical order: the question file's, then sample index (also with one process, whose records are
     # appended as slots finish), so the file depends only on the records.
