@@ -11,13 +11,14 @@
   position, sample index), so the merged records are a one-host run's. No device collective runs during
   generation: the only traffic is the barrier and the shared file system.
 - "global_mesh": one engine over a mesh spanning the hosts (a model that needs several hosts' memory), for the
-  synthesize stage with one vocabulary (token-level scoring). Every process runs the same host loop on the same
-  values (`motab.driver`: inputs assembled from each process's identical copy, outputs gathered to every
+  synthesize stage with one vocabulary (token-level scoring) and the eval stage. Every process runs the same host
+  loop on the same values (`motab.driver`: inputs assembled from each process's identical copy, outputs gathered to every
   process), so every scheduler decision is the same everywhere; process 0 appends the records. The others append
   theirs to a private copy of the output taken before the engine starts (`private_output`): every process skips
   the same finished pairs on resume, since process 0 cannot write before the others joined the engine's first
-  collective. Each decode step's tensor-parallel all-reduces cross hosts. Evaluation and the text-level
-  (cross-vocabulary) engine are refused in this mode (`generation_problems`).
+  collective. Evaluation likewise (each process grades the samples, process 0 writes them and the summary). Each
+  decode step's tensor-parallel all-reduces cross hosts. The text-level (cross-vocabulary) engine is refused in
+  this mode (`generation_problems`).
 - "auto": data_parallel when the model-parallel group (mesh.fsdp x mesh.tensor devices, which holds one copy of
   each model) fits inside one host's devices, global_mesh otherwise.
 
@@ -32,6 +33,7 @@ import itertools
 import json
 import logging
 import random
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -117,9 +119,6 @@ def generation_problems(config: Any, stages: list[str], process_count: int) -> l
     problems = []
     hint = ("give each copy of the models at most one host's devices (mesh.fsdp x mesh.tensor dividing a host's device "
             "count) with generation_mode='data_parallel', or run it on one host (distributed.num_processes=1)")
-    if "eval" in stages:
-        problems.append(f"distributed.generation_mode={config.distributed.generation_mode!r}: {plan.why}; the eval "
-                        f"stage over a mesh spanning hosts is not implemented yet: {hint}")
     if "synthesize" in stages and str(config.synthesis.get("scoring", "auto")) == "text":
         problems.append(f"distributed.generation_mode={config.distributed.generation_mode!r}: {plan.why}; "
                         "synthesis.scoring='text' (the cross-vocabulary engine) over a mesh spanning hosts is not "
@@ -133,14 +132,26 @@ def private_path(path: Path) -> Path:
 
 
 def private_output(path: Path) -> Path:
-    """Where a process other than 0 appends the records of `path` in global_mesh mode: a copy of `path` as it is
-    now (the finished pairs every process skips), private to this process. Process 0 writes `path` itself."""
+    """Where a process other than 0 writes what goes to `path` (a file or a folder) in global_mesh mode: a copy of
+    `path` as it is now (what resume skips is then the same in every process), private to this process. Process 0
+    writes `path` itself."""
     if is_primary():
         return path
     private = private_path(path)
+    shutil.rmtree(private, ignore_errors=True)
     private.parent.mkdir(parents=True, exist_ok=True)
-    private.write_bytes(path.read_bytes() if path.exists() else b"")
+    if path.is_dir():
+        shutil.copytree(path, private)
+    else:
+        private.write_bytes(path.read_bytes() if path.exists() else b"")
     return private
+
+
+def drop_private_outputs(run_dir: Path) -> None:
+    """Remove this process's private copies (`private_output`) under `run_dir` (nothing on process 0)."""
+    if not is_primary():
+        for folder in Path(run_dir).glob(f"**/.global_mesh/process{jax.process_index()}"):
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def generation_mesh(config: Any, mesh: Mesh) -> Mesh:

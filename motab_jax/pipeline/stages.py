@@ -30,8 +30,8 @@ from motab_jax.models.sharding import SAMPLING_RULES
 from motab_jax.motab import synthesize
 from motab_jax.motab.synthesize import parse_questions
 from motab_jax.pipeline.demo_data import write_demo_data
-from motab_jax.pipeline.multihost import (all_gather, generation_mesh, generation_plan, is_primary, private_output,
-                                          private_path, wait_for_all)
+from motab_jax.pipeline.multihost import (all_gather, drop_private_outputs, generation_mesh, generation_plan,
+                                          is_primary, private_output, wait_for_all)
 from motab_jax.pipeline.policy_runs import PolicyRun, find_run, policy_runs
 from motab_jax.pipeline.stage_inputs import UnfinishedInput, done_path
 from motab_jax.pipeline.summary import results_entry
@@ -178,9 +178,7 @@ def run_synthesize_stage(config: Any, run_dir: Path, mesh: Mesh) -> dict[str, An
     # One engine over every host: each process counted the same records.
     new_records = gathered[0] if plan.mode == "global_mesh" else [sum(counts) for counts in zip(*gathered)]
     if not is_primary():
-        if plan.mode == "global_mesh":
-            for run in runs:
-                private_path(run_dir / f"synthesis_{run.stem}.jsonl").unlink(missing_ok=True)
+        drop_private_outputs(run_dir)
         return {}
     # Canonical order: the question file's, then sample index (also with one process, whose records are
     # appended as slots finish), so the file depends only on the records.
@@ -304,8 +302,15 @@ def run_eval_stage(config: Any, run_dir: Path, mesh: Mesh) -> dict[str, Any]:
         for name, spec in candidates.items():
             model, tokenizer = build_model(spec, mesh, SAMPLING_RULES)
             folders[name] = run_dir / "eval" / re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_")
-            results[name] = evaluate(model, tokenizer, folders[name], eval_config, progress=True, pool=pool,
+            # One engine over every host: process 0 writes the samples, the others a private copy (multihost docs).
+            output = private_output(folders[name]) if plan.mode == "global_mesh" else folders[name]
+            results[name] = evaluate(model, tokenizer, output, eval_config, progress=True, pool=pool,
                                      shard=plan.shard)
+    if plan.mode == "global_mesh":
+        wait_for_all("eval: every process finished")
+        if not is_primary():
+            drop_private_outputs(run_dir)
+            return {}
     if plan.shard[1] > 1:
         wait_for_all("eval: every shard graded")  # a host that finished early waits here
         if not is_primary():
