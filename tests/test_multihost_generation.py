@@ -1,9 +1,12 @@
-"""Synthesis and evaluation across processes (`motab_jax.pipeline.multihost`, data-parallel mode).
+"""Synthesis and evaluation across processes (`motab_jax.pipeline.multihost`: data-parallel engines, or one engine
+over a global mesh).
 
-Fast: the mode's arithmetic, how the work queue is split, and the merge of shard files. Slow: `run.py` as two
-localhost processes (4 CPU devices each, gloo collectives, as tests/test_multihost.py) against a one-process run of
-the same job: the same records and samples byte for byte, also after both processes were killed mid-synthesis and
-relaunched.
+Fast: the modes' arithmetic, how the work queue is split, the merge of shard files, the private copies of one engine
+over several processes. Slow: `run.py` as two localhost processes (4 CPU devices each, gloo collectives, as
+tests/test_multihost.py) against a one-process run of the same job: data-parallel, the same records and samples byte
+for byte, also after both processes were killed mid-synthesis and relaunched; one engine over both processes (the
+token engine, also killed and relaunched, and the text-level engine of a teacher with another tokenizer), the same
+records to float32 rounding of the scores.
 """
 
 from __future__ import annotations
@@ -57,20 +60,47 @@ def test_generation_mode_is_validated():
         "distributed.generation_mode='pipeline': accepted auto, data_parallel, global_mesh"]
 
 
-def test_one_engine_over_hosts_is_refused_for_text_level_scoring_only():
+def test_one_engine_over_hosts_runs_either_scoring_and_data_parallel_still_needs_a_host_sized_copy():
     """A copy of the models over 8 devices of 2 hosts x 4: global_mesh (auto or named) runs synthesis with token-level
-    scoring and eval; text-level scoring is refused with the arithmetic and what to do."""
+    or text-level scoring (the cross-vocabulary engine) and eval; data_parallel is refused with the arithmetic."""
     config = demo.get_config()
     config.mesh.data, config.mesh.tensor = 1, 8
-    for mode in ("auto", "global_mesh"):
-        config.distributed.generation_mode = mode
-        assert multihost_problems(config, ["synthesize", "eval"], 2) == []
-    config.synthesis.scoring = "text"
-    (problem,) = multihost_problems(config, ["synthesize"], 2)
-    assert "synthesis.scoring='text' (the cross-vocabulary engine)" in problem and "= 8 device(s); a host has 4" in problem
+    for scoring in ("auto", "text"):
+        config.synthesis.scoring = scoring
+        for mode in ("auto", "global_mesh"):
+            config.distributed.generation_mode = mode
+            assert multihost_problems(config, ["synthesize", "eval"], 2) == []
+            assert _plan(mode, data=1, tensor=8).mode == "global_mesh"
     config.distributed.generation_mode = "data_parallel"
     (problem,) = multihost_problems(config, ["synthesize"], 2)
-    assert "set mesh.fsdp x mesh.tensor to a divisor of 4" in problem
+    assert "= 8 device(s); a host has 4" in problem and "set mesh.fsdp x mesh.tensor to a divisor of 4" in problem
+
+
+def test_private_copies_and_their_folder_are_removed_by_the_last_process(tmp_path, monkeypatch):
+    """global_mesh: processes 1 and 2 each keep a private copy of a file and of a folder; once both dropped theirs, no
+    `.global_mesh` folder is left (the first to finish leaves the folder to the other)."""
+    import jax
+
+    from motab_jax.pipeline import multihost
+
+    records, samples = tmp_path / "synthesis_motab.jsonl", tmp_path / "eval" / "teacher"
+    records.write_text('{"id": "q0", "sample_index": 0}\n')
+    samples.mkdir(parents=True)
+    (samples / "held_out.samples.jsonl").write_text("{}\n")
+    copies = {}
+    for index in (1, 2):
+        monkeypatch.setattr(jax, "process_index", lambda index=index: index)
+        copies[index] = (multihost.private_output(records), multihost.private_output(samples))
+        assert copies[index][0].read_text() == records.read_text()
+        assert (copies[index][1] / "held_out.samples.jsonl").read_text() == "{}\n"
+    monkeypatch.setattr(jax, "process_index", lambda: 0)
+    assert multihost.private_output(records) == records  # process 0 writes the output itself
+    for index in (2, 1):
+        monkeypatch.setattr(jax, "process_index", lambda index=index: index)
+        multihost.drop_private_outputs(tmp_path)
+        left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.glob("**/.global_mesh*"))
+        assert left == ([] if index == 1 else [".global_mesh", "eval/.global_mesh"])
+    assert records.exists() and (samples / "held_out.samples.jsonl").exists()
 
 
 def test_shards_split_the_trajectories_once_with_global_positions():
@@ -135,10 +165,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _commands(run: Path, processes: int, job: dict | None = None) -> list[tuple[list[str], dict[str, str]]]:
-    """run.py for each process of a job (default `JOB`) over 8 CPU devices in all."""
-    base = [sys.executable, "run.py", f"--config.run_dir={run}"] + [f"--config.{k}={v}"
-                                                                     for k, v in (job or JOB).items()]
+def _commands(run: Path, processes: int, job: dict | None = None, config: Path | None = None
+              ) -> list[tuple[list[str], dict[str, str]]]:
+    """run.py for each process of a job (default `JOB`, on the config file `config`, default the demo's) over 8 CPU
+    devices in all."""
+    base = [sys.executable, "run.py"] + ([f"--config={config}"] if config else []) + [f"--config.run_dir={run}"] + [
+        f"--config.{k}={v}" for k, v in (job or JOB).items()]
     port = _free_port()
     out = []
     for i in range(processes):
@@ -151,9 +183,9 @@ def _commands(run: Path, processes: int, job: dict | None = None) -> list[tuple[
     return out
 
 
-def _start(run: Path, processes: int, job: dict | None = None) -> list[subprocess.Popen]:
+def _start(run: Path, processes: int, job: dict | None = None, config: Path | None = None) -> list[subprocess.Popen]:
     return [subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            for command, env in _commands(run, processes, job)]
+            for command, env in _commands(run, processes, job, config)]
 
 
 def _finish(procs: list[subprocess.Popen]) -> None:
@@ -162,9 +194,9 @@ def _finish(procs: list[subprocess.Popen]) -> None:
         assert proc.returncode == 0, out[-4000:]
 
 
-def _run(run: Path, processes: int, job: dict | None = None) -> float:
+def _run(run: Path, processes: int, job: dict | None = None, config: Path | None = None) -> float:
     start = time.monotonic()
-    _finish(_start(run, processes, job))
+    _finish(_start(run, processes, job, config))
     return time.monotonic() - start
 
 
@@ -259,25 +291,100 @@ def _approx(value):
 GLOBAL_JOB = dict(JOB, **{"mesh.data": 1, "mesh.tensor": 8, "teacher.path": "", "student.path": ""})
 
 
-@pytest.mark.slow
-def test_one_engine_over_two_processes_synthesizes_and_evaluates_as_one(tmp_path):
-    """generation_mode=auto picks global_mesh; the records (MOTAB sampled, teacher-only greedy) and the evaluation
-    (samples, summaries) equal a one-process run over the same mesh shape: the same tokens, steps and decisions, the scores to float32 rounding (the
-    all-reduce across processes (gloo) sums in another order than the one inside a process); only process 0 wrote
-    them."""
-    reference, run = tmp_path / "one", tmp_path / "two"
-    one_seconds = _run(reference, 1, GLOBAL_JOB)
-    two_seconds = _run(run, 2, GLOBAL_JOB)
-    for name in OUTPUTS:
+@pytest.fixture(scope="module")
+def one_process_global(tmp_path_factory) -> tuple[Path, float]:
+    """`GLOBAL_JOB` in one process over the 8 devices: the reference of one engine over two processes."""
+    run = tmp_path_factory.mktemp("one_global") / "run"
+    return run, _run(run, 1, GLOBAL_JOB)
+
+
+def _assert_same_records(run: Path, reference: Path, names: tuple[str, ...], trajectories: int) -> None:
+    """Every output of `names` equals the reference's: the same tokens, text, steps and decisions, the scores to
+    float32 rounding (the all-reduce across processes (gloo) sums in another order than the one inside a process);
+    each trajectory once, no shard or private copy left."""
+    for name in names:
         if name.endswith(".json"):
             assert json.loads((run / name).read_text()) == _approx(json.loads((reference / name).read_text())), name
             continue
         records, expected = read_jsonl(run / name), read_jsonl(reference / name)
         assert len(records) == len(expected) > 0 and records == _approx(expected), name
-    keys = [(r["id"], r["sample_index"]) for r in read_jsonl(run / "synthesis_motab.jsonl")]
-    assert len(keys) == len(set(keys)) == 16
+    keys = [(r["id"], r["sample_index"]) for r in read_jsonl(run / names[0])]
+    assert len(keys) == len(set(keys)) == trajectories
+    assert not list(run.glob("**/.global_mesh")) and not list(run.glob("**/*.part-*-of-*.jsonl"))
+
+
+@pytest.mark.slow
+def test_one_engine_over_two_processes_synthesizes_and_evaluates_as_one(one_process_global, tmp_path):
+    """generation_mode=auto picks global_mesh; the records (MOTAB sampled, teacher-only greedy) and the evaluation
+    (samples, summaries) equal a one-process run over the same mesh shape; only process 0 wrote them."""
+    reference, one_seconds = one_process_global
+    run = tmp_path / "two"
+    two_seconds = _run(run, 2, GLOBAL_JOB)
+    _assert_same_records(run, reference, OUTPUTS, 16)
     log = (run / "run.log").read_text()
     assert "synthesize / eval: global_mesh" in log and "8 does not divide 4" in log
-    assert not list(run.glob("**/.global_mesh/*/*")) and not list(run.glob("**/*.part-*-of-*.jsonl"))
     print(f"\nwall time, one engine: one process (8 devices) {one_seconds:.0f} s, two processes (4 + 4 devices, "
           f"tensor-parallel across them) {two_seconds:.0f} s: ratio {two_seconds / one_seconds:.2f}")
+
+
+@pytest.mark.slow
+def test_one_engine_over_two_killed_processes_resumes_to_the_same_outputs(one_process_global, tmp_path):
+    """Both processes of one engine SIGKILLed once process 0 appended MOTAB records, then relaunched: every process
+    skips the same finished trajectories (process 1 from its new private copy of process 0's file), and the outputs
+    equal the uninterrupted one-process run's, with every trajectory once."""
+    reference, _ = one_process_global
+    run = tmp_path / "run"
+    records = run / "synthesis_motab.jsonl"
+    procs = _start(run, 2, GLOBAL_JOB)
+    deadline = time.monotonic() + 600
+    while _lines(records) < 2 and time.monotonic() < deadline:
+        assert all(p.poll() is None for p in procs), "the job ended before it could be killed"
+        time.sleep(0.02)
+    for proc in procs:
+        proc.send_signal(signal.SIGKILL)
+    for proc in procs:
+        proc.communicate()
+    written = len(read_jsonl(records, torn_tail=True))
+    assert 2 <= written < 16 and not (run / "stages" / "synthesize.done").exists()
+    _finish(_start(run, 2, GLOBAL_JOB))
+    _assert_same_records(run, reference, OUTPUTS, 16)
+    summary = json.loads((run / "stages" / "synthesize.done").read_text())
+    assert summary["motab"]["records"] == 16 and summary["motab"]["new_records"] == 16 - written
+
+
+# The cross-vocabulary pair of tests/test_cross_run.py: a teacher with the Qwen3 tokenizer (151,669 ids) judges the
+# byte-level student's text (`motab.cross_engine`); a config file, since the teacher's bos_token_id becomes None.
+CROSS_CONFIG = """
+from configs import demo
+
+
+def get_config():
+    config = demo.get_config()
+    config.teacher.tokenizer = "qwen3"
+    config.teacher.init.update(dict(vocab_size=151669, eos_token_ids=(151645,), bos_token_id=None,
+                                    pad_token_id=151643))
+    return config
+"""
+CROSS_JOB = dict(GLOBAL_JOB, **{"stages": "synthesize", "policies": "motab", "data.demo_train": 6,
+                                "synthesis.eps0": 0.5, "synthesis.teacher_min_budget": 32})
+
+
+@pytest.mark.slow
+def test_one_engine_over_two_processes_scores_text_across_vocabularies_as_one(tmp_path):
+    """The text-level engine (a teacher with another tokenizer) as one engine over both processes: the records equal
+    a one-process run's (the student's and the teacher's tokens, the text, steps and decisions exactly, the scores to
+    float32 rounding), and the teacher intervened, writing in its own vocabulary."""
+    config = tmp_path / "cross.py"
+    config.write_text(CROSS_CONFIG)
+    reference, run = tmp_path / "one", tmp_path / "two"
+    one_seconds = _run(reference, 1, CROSS_JOB, config)
+    two_seconds = _run(run, 2, CROSS_JOB, config)
+    _assert_same_records(run, reference, ("synthesis_motab.jsonl",), 12)
+    records = read_jsonl(run / "synthesis_motab.jsonl")
+    assert any(r["breach_step"] for r in records)
+    teacher_segments = [s for r in records for s in r["segments"] if s["source"] == "teacher"]
+    assert any(max(s["teacher_token_ids"], default=0) >= 384 for s in teacher_segments)
+    log = (run / "run.log").read_text()
+    assert "synthesize / eval: global_mesh" in log and "cross-vocabulary synthesis" in log
+    print(f"\nwall time, one text-level engine: one process (8 devices) {one_seconds:.0f} s, two processes (4 + 4 "
+          f"devices, tensor-parallel across them) {two_seconds:.0f} s: ratio {two_seconds / one_seconds:.2f}")

@@ -66,6 +66,12 @@ class EvalConfig:
             raise ValueError("samples and limit must be >= 0; batch_size and max_new_tokens >= 1")
 
 
+# The evaluation pool is sized from each host's free memory, capped at what its slots can use: smaller slots make
+# the cap, the same on every host, the size (one engine over several processes needs the same pool everywhere).
+EVAL_POOL_HINT = ("lower eval.batch_size or eval.max_new_tokens until the evaluation pool's full size fits every "
+                  "host's free memory")
+
+
 def build_prompt(tokenizer: Any, problem: Problem, spec: BenchmarkSpec, config: EvalConfig) -> tuple[str, list[int]]:
     return question_prompt(tokenizer, problem.problem, spec.instruction, prompt_format=config.prompt_format,
                            system_prompt=config.system_prompt)
@@ -191,7 +197,7 @@ def _sample_and_grade(model: Decoder, tokenizer: Any, spec: BenchmarkSpec, confi
     # are graded and appended in groups of batch_size, so an interruption loses at most one group.
     stream = generate_rows(model, [prompts[i][1] for i, _ in todo], [i * spec.samples + j for i, j in todo],
                            rule=rule, max_new_tokens=config.max_new_tokens, stop_tokens=stops, seed=config.seed,
-                           config=GenerationConfig(num_slots=config.batch_size))
+                           config=GenerationConfig(num_slots=config.batch_size, pool_hint=EVAL_POOL_HINT))
     group: list[tuple[tuple[int, int], Any]] = []
     # gpt-oss answers in harmony channels: only the final channel is graded, as `</think>` is stripped for Qwen3.
     answer_text = final_text if is_harmony_tokenizer(tokenizer) else _unchanged

@@ -16,7 +16,11 @@ the safe state and the teacher writes (`decode` in its vocabulary) the rest, or 
 Cache sizes and slot count: `cross_sizing` (the teacher's caches from the measured teacher/student token ratio;
 the slots whose full-capacity caches fit), the rule the preflight reports. On a mesh whose `data` axis has G > 1
 entries the slots split into G engine groups (`cross_device` runs each group's rows under `shard_map`, with its
-own pools and group-local page ids; the models are tensor parallel within a group), as on the token path. Limits
+own pools and group-local page ids; the models are tensor parallel within a group), as on the token path. On a mesh
+spanning processes (one engine over several hosts, `pipeline.multihost`) every process runs this host loop, its
+encoders included, on the same values: device inputs are assembled from each process's identical copy and the
+outputs the host reads are gathered to every process (`driver.HostIO`); the slots are planned from the least free
+memory of the hosts and checked identical before anything runs (`driver.check_same_everywhere`). Limits
 of this first version: the pools hold every slot at full length (no admission by free pages, no preemption); the
 host loop waits for each phase (no exploration past an unscored step); the teacher decodes without drafts.
 """
@@ -32,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from motab_jax.models.paged_cache import PageAllocator, PagedKVCache
 from motab_jax.models.sharding import SAMPLING_RULES, data_groups
@@ -39,7 +44,7 @@ from motab_jax.models.transformer import Decoder
 from motab_jax.motab.cross_device import RUNNING, STOP_BUDGET, STOP_EOS, DecodeRows, decode, feed
 from motab_jax.motab.cross_records import StepRecord, build_cross_record
 from motab_jax.motab.cross_sizing import TextPathPlan, TokenRatio, measure_token_ratio, plan_text_path, ratio_texts
-from motab_jax.motab.driver import model_mesh
+from motab_jax.motab.driver import HostIO, check_same_everywhere, created_in_place, model_mesh, to_global
 from motab_jax.motab.engine import EngineSpec
 from motab_jax.motab.pool import GIB, device_memory, memory_over_devices, pages_for, weight_bytes
 from motab_jax.motab.state import FINISH_EOS, FINISH_LENGTH, FINISH_MAX_STEPS, FINISH_TEACHER_BUDGET
@@ -84,7 +89,7 @@ class _GroupPages:
 
     def commit(self, cache: PagedKVCache) -> PagedKVCache:
         table = np.concatenate([a.table for a in self.allocators])
-        return dataclasses.replace(cache, page_table=jax.device_put(table, cache.page_table.sharding))
+        return dataclasses.replace(cache, page_table=to_global(table, cache.page_table.sharding))
 
 
 @dataclasses.dataclass
@@ -100,6 +105,7 @@ class _Side:
     text_bytes: list[bytes]  # what each id adds to the context text (special tokens: nothing, as a detokenizer)
     held: list[list[int]]
     groups: Mesh | None  # the mesh whose `data` axis splits the slots (None: one engine group)
+    io: HostIO  # host values to and from the device (on a mesh spanning processes: the same on every process)
 
     @property
     def capacity(self) -> int:
@@ -113,18 +119,22 @@ class _Side:
         mesh = model_mesh(model)
         num_groups = data_groups(mesh)
         pages = _GroupPages(num_groups, num_slots // num_groups, pages_for(max_len, page_size), page_size)
-        cache = model.init_paged_cache(num_slots, max_len, page_size=page_size, num_pages=pages.pool_pages,
-                                       impl=paged_impl)
-        if mesh is not None:  # pools split over KV heads like the weights, and over data (one pool per group)
-            cache = cache.placed(mesh, SAMPLING_RULES)
+        # Pools split over KV heads like the weights, and over data (one pool per group), created in place.
+        cache = created_in_place(
+            lambda: model.init_paged_cache(num_slots, max_len, page_size=page_size, num_pages=pages.pool_pages,
+                                           impl=paged_impl),
+            mesh, lambda shapes, mesh: shapes.shardings(mesh, SAMPLING_RULES))
+        io = HostIO(mesh)
         vocab = model.config.output_vocab_size
         table = token_bytes_table(tokenizer)
         tables = EngineTables.build(table, vocab, delimiter, eos)
+        if mesh is not None:
+            tables = jax.tree.map(lambda a: io.put(np.asarray(a)), tables)
         special = special_token_mask(tokenizer).tolist()
         # Ids past the tokenizer's vocabulary (padded logits) add no text.
         text = [b"" if s else t for t, s in zip(table[:vocab], special)] + [b""] * (vocab - len(table))
         return cls(model_def, params, cache, pages, tables, tokenizer, text, [[] for _ in range(num_slots)],
-                   mesh if num_groups > 1 else None)
+                   mesh if num_groups > 1 else None, io)
 
     def feed(self, targets: dict[int, list[int]], score_from: dict[int, int], entropy_top_k: int
              ) -> dict[int, tuple[float, float]]:
@@ -151,10 +161,10 @@ class _Side:
             if slot in score_from:
                 first[slot] = score_from[slot] - s
         self.cache = self.pages.commit(self.cache)
-        self.cache, sums, entropy = feed(self.model_def, self.params, self.cache, jnp.asarray(tokens),
-                                         jnp.asarray(start), jnp.asarray(num_valid), entropy_top_k, jnp.asarray(first),
-                                         self.groups)
-        sums, entropy = jax.device_get((sums, entropy))
+        rows = lambda a: self.io.put(a, P("data"))  # noqa: E731
+        self.cache, sums, entropy = feed(self.model_def, self.params, self.cache, rows(tokens), rows(start),
+                                         rows(num_valid), entropy_top_k, rows(first), self.groups)
+        sums, entropy = self.io.get((sums, entropy))
         for slot, target in targets.items():
             self.held[slot] = list(target)
         return {slot: (float(sums[slot]), float(entropy[slot])) for slot in targets}
@@ -219,6 +229,13 @@ def run_cross_engine(spec: EngineSpec, student: Decoder, teacher: Decoder, stude
     wanted = -(-min(int(cfg["num_slots"]), len(jobs)) // groups)
     plan = slots_plan(cfg, student, teacher, ratio, wanted=wanted, groups=groups)
     num_slots = groups * plan.slots
+    mesh = model_mesh(student)
+    if mesh is not None and mesh.is_multi_process:
+        check_same_everywhere(
+            (plan.slots, plan.student_len, plan.teacher_len, page, cfg["seed"],
+             [(j.index, j.key_id, tuple(j.student_prompt), j.teacher_prompt_text) for j in jobs]),
+            {"jobs": len(jobs), "slots per group": plan.slots},
+            "set synthesis.memory_budget_gb when the hosts' free memory differs")
     sides = {
         "student": _Side.build(student, student_tokenizer, num_slots, plan.student_len, page, cfg["delimiter"],
                                student_eos, cfg["paged_impl"]),
@@ -253,9 +270,11 @@ def run_cross_engine(spec: EngineSpec, student: Decoder, teacher: Decoder, stude
                     sides["student"].capacity)
 
 
-def _keys(base: jax.Array, trajectories: list[_Trajectory | None], model: int) -> jax.Array:
+def _keys(base: jax.Array, trajectories: list[_Trajectory | None], model: int) -> np.ndarray:
+    """The raw data [B, 2] of each row's key for `model`, computed on this host (the same on every process)."""
     ids = np.asarray([t.job.key_id if t is not None else 0 for t in trajectories], np.uint32)
-    return jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(base, i), model))(jnp.asarray(ids))
+    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.fold_in(base, i), model))(jnp.asarray(ids))
+    return np.asarray(jax.random.key_data(keys))
 
 
 def _admit(spec: EngineSpec, sides: dict[str, _Side], slots: list[_Trajectory | None], queue: list[CrossJob],
@@ -308,14 +327,15 @@ def _decode(side: _Side, rows: dict[int, _Trajectory], base: jax.Array, slots: l
         stop[slot] = RUNNING if budget[slot] > 0 else STOP_BUDGET
         side.pages.ensure(slot, min(len(ids) + chunk, side.capacity))
     side.cache = side.pages.commit(side.cache)
-    state = DecodeRows(keys=_keys(base, slots, model), position=jnp.asarray(position), pending=jnp.asarray(pending),
-                       ctx_len=jnp.asarray(ctx_len), automaton=jnp.asarray(automaton), step_len=jnp.asarray(step_len),
-                       budget=jnp.asarray(budgets), stop=jnp.asarray(stop), out=jnp.zeros((b, chunk), jnp.int32),
-                       out_logp=jnp.zeros((b, chunk), jnp.float32), out_len=jnp.zeros((b,), jnp.int32))
+    put = lambda a: side.io.put(a, P("data"))  # noqa: E731
+    state = DecodeRows(keys=side.io.keys(_keys(base, slots, model)), position=put(position), pending=put(pending),
+                       ctx_len=put(ctx_len), automaton=put(automaton), step_len=put(step_len), budget=put(budgets),
+                       stop=put(stop), out=put(np.zeros((b, chunk), np.int32)),
+                       out_logp=put(np.zeros((b, chunk), np.float32)), out_len=put(np.zeros((b,), np.int32)))
     side.cache, state = decode(side.model_def, side.params, side.cache, rule, step_cap, stop_at_step_end, side.tables,
                                state, side.groups)
-    out, logp, n, stop, automaton = jax.device_get((state.out, state.out_logp, state.out_len, state.stop,
-                                                    state.automaton))
+    out, logp, n, stop, automaton = side.io.get((state.out, state.out_logp, state.out_len, state.stop,
+                                                 state.automaton))
     result = {}
     for slot, traj in rows.items():
         tokens = out[slot, :n[slot]].tolist()
@@ -494,6 +514,14 @@ def slots_plan(cfg: Mapping[str, Any], student: Decoder, teacher: Decoder, ratio
         if not memory_over_devices()[1]:
             free -= weights
         where += f" / {groups} engine groups" if groups > 1 else ""
+        mesh = model_mesh(student)
+        if mesh is not None and mesh.is_multi_process:
+            # One engine over several hosts runs one host loop in each: all must plan the same slots, those that
+            # fit the host with the least free memory.
+            from jax.experimental import multihost_utils
+
+            free = float(np.min(multihost_utils.process_allgather(np.asarray([free], np.float32))))  # no x64 in jax
+            where += f", the least over {jax.process_count()} processes"
     plan = plan_text_path(cfg, student.config, teacher.config, ratio.for_caches, wanted=wanted, free_bytes=free,
                           where=where, groups=groups)
     if plan.slots < 1:

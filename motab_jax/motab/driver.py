@@ -35,6 +35,9 @@ from motab_jax.text.incremental import EncoderStats
 
 log = logging.getLogger("motab_jax")
 
+# How synthesis's user makes the pools of one engine over several processes equal (`check_same_everywhere`).
+SYNTHESIS_POOL_HINT = "set the pool's size explicitly, synthesis.num_pages, when the hosts' free memory differs"
+
 
 @dataclasses.dataclass(frozen=True)
 class Job:
@@ -73,15 +76,16 @@ def _state_shardings(shapes: EngineState, mesh: Mesh) -> EngineState:
     return dataclasses.replace(shapes, **rest, **caches)
 
 
-def _empty_placed(make: Callable[[], EngineState], mesh: Mesh | None) -> EngineState:
-    """`make()` (the empty state), created in place on `mesh`: each device computes only its shard, so no host
-    or single device ever holds a whole pool, and a mesh spanning processes needs no transfer from a host."""
+def created_in_place(make: Callable[[], Any], mesh: Mesh | None, shardings: Callable[[Any, Mesh], Any]) -> Any:
+    """`make()` (an empty state or cache), created in place on `mesh` where `shardings(shapes, mesh)` says: each
+    device computes only its shard, so no host or single device ever holds a whole pool, and a mesh spanning
+    processes needs no transfer from a host."""
     if mesh is None:
         return make()
-    return jax.jit(make, out_shardings=_state_shardings(jax.eval_shape(make), mesh))()
+    return jax.jit(make, out_shardings=shardings(jax.eval_shape(make), mesh))()
 
 
-class _Host:
+class HostIO:
     """Host values to and from the engine's arrays. On a mesh spanning processes (one engine over several hosts)
     every process runs the same host loop on the same values: an input is assembled from each process's own
     copy of the value (`make_array_from_callback`), and an output is gathered so that every process reads all of
@@ -106,20 +110,24 @@ class _Host:
         return jax.tree.map(to_host, tree)
 
 
-def _check_same_everywhere(pool: PoolPlan, jobs: Sequence[Job], seed: int) -> None:
-    """One engine over several processes runs one host loop in each: refuse to start unless every process has the
-    same pool plan, jobs and seed (else their decisions, and the collectives they issue, would diverge)."""
+def check_same_everywhere(values: Any, shown: dict[str, int], hint: str) -> None:
+    """One engine over several processes runs one host loop in each: refuse to start unless every process holds the
+    same `values` (what its host decisions depend on: jobs, plan, seed), else their decisions, and the collectives
+    they issue, would diverge. `shown`: counts printed per process when they differ; `hint`: what to do."""
     from jax.experimental import multihost_utils
 
+    fingerprint = zlib.crc32(repr(values).encode()) & 0x7FFFFFFF
+    gathered = multihost_utils.process_allgather(np.asarray([fingerprint, *shown.values()], np.int32))
+    if (gathered != gathered[:1]).any():
+        raise RuntimeError(f"one engine over {jax.process_count()} processes: their jobs or plans differ (per process "
+                           f"[fingerprint, {', '.join(shown)}]: {gathered.tolist()}); every process must see the same "
+                           f"questions, finished records and memory budget ({hint})")
+
+
+def _check_pool_everywhere(pool: PoolPlan, jobs: Sequence[Job], seed: int, pool_hint: str) -> None:
     plan = (pool.num_slots, pool.page_size, pool.max_len, pool.max_prompt_len, pool.num_pages, pool.groups)
-    jobs_seen = [(j.index, j.key_id, j.prompt) for j in jobs]
-    fingerprint = zlib.crc32(repr((plan, seed, jobs_seen)).encode()) & 0x7FFFFFFF
-    values = multihost_utils.process_allgather(np.asarray([fingerprint, len(jobs), pool.num_pages], np.int32))
-    if (values != values[:1]).any():
-        raise RuntimeError(f"one engine over {jax.process_count()} processes: their jobs or pool plans differ "
-                           f"(per process [fingerprint, jobs, pages per group]: {values.tolist()}); every process must "
-                           "see the same questions, finished records and memory budget (set the pool's size explicitly, "
-                           "e.g. synthesis.num_pages, when the hosts' free memory differs)")
+    check_same_everywhere((plan, seed, [(j.index, j.key_id, j.prompt) for j in jobs]),
+                          {"jobs": len(jobs), "pages per group": pool.num_pages}, pool_hint)
 
 
 def to_global(value: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
@@ -203,8 +211,11 @@ class _Groups:
 
 def run_engine(spec: EngineSpec, student: Decoder, teacher: Decoder, tables: EngineTables, jobs: Sequence[Job], *,
                pool: PoolPlan, paged_impl: str, iterations_per_sync: int, seed: int,
-               stats: EngineStats | None = None) -> Iterator[tuple[Job, dict[str, np.ndarray]]]:
+               stats: EngineStats | None = None, pool_hint: str = SYNTHESIS_POOL_HINT
+               ) -> Iterator[tuple[Job, dict[str, np.ndarray]]]:
     """Run every job to its end; yields (job, that slot's row of every `RECORD_FIELDS` array) as they finish.
+    `pool_hint`: how the caller's user makes every process's pool the same (quoted when they differ, one engine over
+    several processes).
 
     A prompt longer than `pool.max_prompt_len` (what the pools and every slot's positions were sized for) is
     refused with `PromptTooLongError` before anything runs: its writes past the cache would be lost."""
@@ -224,7 +235,7 @@ def run_engine(spec: EngineSpec, student: Decoder, teacher: Decoder, tables: Eng
         raise ValueError(f"the pool plan has {pool.groups} engine group(s) but the models' mesh has a data axis of "
                          f"{data_groups(mesh)}: plan the pool with groups=data_groups(mesh)")
     if mesh is not None and mesh.is_multi_process:
-        _check_same_everywhere(pool, jobs, seed)
+        _check_pool_everywhere(pool, jobs, seed, pool_hint)
     groups = mesh if pool.groups > 1 else None
     # The caches hold every group's pool back to back; inside the loop each group sees its own (shard_map).
     num_pages = pool.groups * pool.num_pages
@@ -239,8 +250,8 @@ def run_engine(spec: EngineSpec, student: Decoder, teacher: Decoder, tables: Eng
             else teacher.init_paged_cache(b, page, page_size=page, num_pages=2 * pool.groups, impl=paged_impl))
         return empty_state(b, spec.out_cap, spec.max_steps, student_cache, teacher_cache)
 
-    state = _empty_placed(make, mesh)
-    io = _Host(mesh)
+    state = created_in_place(make, mesh, _state_shardings)
+    io = HostIO(mesh)
     tables = jax.tree.map(lambda a: io.put(np.asarray(a)), tables) if mesh is not None else tables
     sharding = state.student_cache.k_pages.sharding
     stats.pool_sharding = sharding.spec if isinstance(sharding, NamedSharding) else None
@@ -292,7 +303,7 @@ def run_engine(spec: EngineSpec, student: Decoder, teacher: Decoder, tables: Eng
 
 def _start(spec: EngineSpec, student_def: Any, teacher_def: Any, student_params: Any, teacher_params: Any,
            state: EngineState, started: list[tuple[int, Job]], base_key: jax.Array, stats: EngineStats,
-           group_size: int, groups: Mesh | None, io: _Host) -> EngineState:
+           group_size: int, groups: Mesh | None, io: HostIO) -> EngineState:
     """Prefill and reset the started slots: one call per prompt-width bucket, rows padded to a power of two (per
     engine group: each group gets the same number of rows, with its own slot ids)."""
     buckets: dict[int, list[tuple[int, Job]]] = {}

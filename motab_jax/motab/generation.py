@@ -40,6 +40,8 @@ class GenerationConfig:
     memory_budget_gb: float = 0.0
     iterations_per_sync: int = 32
     paged_impl: str = "auto"
+    # What makes the pools of one engine over several processes equal, quoted when they differ (the caller's knobs).
+    pool_hint: str = "set GenerationConfig.num_pages (the pool's size) when the hosts' free memory differs"
 
 
 @dataclasses.dataclass
@@ -76,7 +78,8 @@ def generate_rows(model: Decoder, prompts: Sequence[Sequence[int]], row_ids: Seq
                      groups=groups)
     jobs = [Job(i, tuple(int(t) for t in p), int(r)) for i, (p, r) in enumerate(zip(prompts, row_ids))]
     for job, row in run_engine(spec, model, model, tables, jobs, pool=pool, paged_impl=config.paged_impl,
-                               iterations_per_sync=config.iterations_per_sync, seed=seed, stats=stats):
+                               iterations_per_sync=config.iterations_per_sync, seed=seed, stats=stats,
+                               pool_hint=config.pool_hint):
         n = int(row["out_len"])
         yield job.index, RowResult(row["out_tokens"][:n].astype(np.int32), row["out_logp"][:n].astype(np.float32),
                                    int(row["finish"]) == FINISH_EOS)

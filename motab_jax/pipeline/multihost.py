@@ -11,14 +11,16 @@
   position, sample index), so the merged records are a one-host run's. No device collective runs during
   generation: the only traffic is the barrier and the shared file system.
 - "global_mesh": one engine over a mesh spanning the hosts (a model that needs several hosts' memory), for the
-  synthesize stage with one vocabulary (token-level scoring) and the eval stage. Every process runs the same host
-  loop on the same values (`motab.driver`: inputs assembled from each process's identical copy, outputs gathered to every
-  process), so every scheduler decision is the same everywhere; process 0 appends the records. The others append
-  theirs to a private copy of the output taken before the engine starts (`private_output`): every process skips
-  the same finished pairs on resume, since process 0 cannot write before the others joined the engine's first
-  collective. Evaluation likewise (each process grades the samples, process 0 writes them and the summary). Each
-  decode step's tensor-parallel all-reduces cross hosts. The text-level (cross-vocabulary) engine is refused in
-  this mode (`generation_problems`).
+  synthesize stage (either engine: one vocabulary, or text-level scoring) and the eval stage. Every process runs
+  the same host loop on the same values (`motab.driver`: inputs assembled from each process's identical copy,
+  outputs gathered to every process), so every scheduler decision is the same everywhere; process 0 appends the
+  records. The others append theirs to a private copy of the output taken before the engine starts
+  (`private_output`): every process skips the same finished pairs on resume, since process 0 cannot write before
+  the others joined the engine's first collective. Evaluation likewise (each process grades the samples, process 0
+  writes them and the summary). Each decode step's tensor-parallel all-reduces cross hosts. The text-level
+  (cross-vocabulary) engine runs the same way (`motab.cross_engine`: its host-side incremental encoders run in
+  every process on the gathered tokens). The private copies are removed at the end of the stage
+  (`drop_private_outputs`).
 - "auto": data_parallel when the model-parallel group (mesh.fsdp x mesh.tensor devices, which holds one copy of
   each model) fits inside one host's devices, global_mesh otherwise.
 
@@ -109,21 +111,12 @@ def generation_problems(config: Any, stages: list[str], process_count: int) -> l
     except (ValueError, TypeError):
         return []  # validation reports the mesh itself
     try:  # devices split evenly over the processes, as jax.distributed does
-        plan = plan_generation(str(config.distributed.generation_mode), MeshConfig(**config.mesh), process_index=0,
-                               process_count=process_count, device_count=jax.device_count(),
-                               local_device_count=jax.device_count() // process_count)
+        plan_generation(str(config.distributed.generation_mode), MeshConfig(**config.mesh), process_index=0,
+                        process_count=process_count, device_count=jax.device_count(),
+                        local_device_count=jax.device_count() // process_count)
     except ValueError as e:
         return [str(e)]
-    if plan.mode != "global_mesh":
-        return []
-    problems = []
-    hint = ("give each copy of the models at most one host's devices (mesh.fsdp x mesh.tensor dividing a host's device "
-            "count) with generation_mode='data_parallel', or run it on one host (distributed.num_processes=1)")
-    if "synthesize" in stages and str(config.synthesis.get("scoring", "auto")) == "text":
-        problems.append(f"distributed.generation_mode={config.distributed.generation_mode!r}: {plan.why}; "
-                        "synthesis.scoring='text' (the cross-vocabulary engine) over a mesh spanning hosts is not "
-                        f"implemented yet: use scoring='auto' with a teacher of the student's vocabulary, or {hint}")
-    return problems
+    return []
 
 
 def private_path(path: Path) -> Path:
@@ -148,10 +141,15 @@ def private_output(path: Path) -> Path:
 
 
 def drop_private_outputs(run_dir: Path) -> None:
-    """Remove this process's private copies (`private_output`) under `run_dir` (nothing on process 0)."""
+    """Remove this process's private copies (`private_output`) under `run_dir` (nothing on process 0), and their
+    `.global_mesh` folder once no other process's copy is left in it (the last process to finish removes it)."""
     if not is_primary():
-        for folder in Path(run_dir).glob(f"**/.global_mesh/process{jax.process_index()}"):
+        for folder in list(Path(run_dir).glob(f"**/.global_mesh/process{jax.process_index()}")):
             shutil.rmtree(folder, ignore_errors=True)
+            try:
+                folder.parent.rmdir()
+            except OSError:  # another process's copy is still there: that process removes the folder
+                pass
 
 
 def generation_mesh(config: Any, mesh: Mesh) -> Mesh:
