@@ -388,3 +388,22 @@ def test_one_engine_over_two_processes_scores_text_across_vocabularies_as_one(tm
     assert "synthesize / eval: global_mesh" in log and "cross-vocabulary synthesis" in log
     print(f"\nwall time, one text-level engine: one process (8 devices) {one_seconds:.0f} s, two processes (4 + 4 "
           f"devices, tensor-parallel across them) {two_seconds:.0f} s: ratio {two_seconds / one_seconds:.2f}")
+
+
+@pytest.mark.slow
+def test_one_engine_over_processes_whose_pools_differ_is_refused(tmp_path):
+    """Process 1 sizes its pool otherwise (synthesis.num_pages, as a host with other free memory would): both
+    processes stop before the engine runs, with one error line that shows each one's pool and names the knob."""
+    procs = []
+    for i, (command, env) in enumerate(_commands(tmp_path / "run", 2, dict(GLOBAL_JOB, stages="synthesize"))):
+        command = command + (["--config.synthesis.num_pages=999"] if i == 1 else [])
+        procs.append(subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
+    for proc in procs:
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode != 0, err[-3000:]
+        line = next((line for line in err.splitlines() if "their jobs or plans differ" in line), err[-3000:])
+        assert "[fingerprint, jobs, pages per group]" in line and ", 999]]" in line, line
+        assert "set the pool's size explicitly, synthesis.num_pages" in line, line
+    records = tmp_path / "run" / "synthesis_motab.jsonl"
+    assert not records.exists() or not records.read_text()

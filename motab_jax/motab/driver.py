@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from motab_jax.errors import PromptTooLongError
+from motab_jax.errors import EnvironmentProblem, PromptTooLongError
 from motab_jax.models.paged_cache import PageAllocator, PagedKVCache
 from motab_jax.models.sharding import SAMPLING_RULES, data_groups
 from motab_jax.models.transformer import Decoder
@@ -119,9 +119,9 @@ def check_same_everywhere(values: Any, shown: dict[str, int], hint: str) -> None
     fingerprint = zlib.crc32(repr(values).encode()) & 0x7FFFFFFF
     gathered = multihost_utils.process_allgather(np.asarray([fingerprint, *shown.values()], np.int32))
     if (gathered != gathered[:1]).any():
-        raise RuntimeError(f"one engine over {jax.process_count()} processes: their jobs or plans differ (per process "
-                           f"[fingerprint, {', '.join(shown)}]: {gathered.tolist()}); every process must see the same "
-                           f"questions, finished records and memory budget ({hint})")
+        raise EnvironmentProblem(f"one engine over {jax.process_count()} processes: their jobs or plans differ (per "
+                                 f"process [fingerprint, {', '.join(shown)}]: {gathered.tolist()}); every process "
+                                 f"must see the same questions, finished records and memory budget ({hint})")
 
 
 def _check_pool_everywhere(pool: PoolPlan, jobs: Sequence[Job], seed: int, pool_hint: str) -> None:
