@@ -158,10 +158,6 @@ def run_synthesize_stage(config: Any, run_dir: Path, mesh: Mesh) -> dict[str, An
         teacher_tokenizer = None
     except VocabularyMismatchError:  # the teacher judges the student's text (motab.cross_engine)
         tokenizer, teacher_tokenizer = student_tokenizer, tokenizer
-    if plan.mode == "global_mesh" and teacher_tokenizer is not None:
-        raise ValueError("distributed.generation_mode='global_mesh' runs the one-vocabulary engine only, but the teacher's "
-                         "tokenizer differs from the student's (the cross-vocabulary engine): use generation_mode="
-                         "'data_parallel' with a mesh whose mesh.fsdp x mesh.tensor fits one host, or one host")
     questions = _read_questions(_questions_file(config, run_dir), config.data.limit, config.data.question_fields)
     runs = policy_runs(config)
     new_records = []
