@@ -143,6 +143,7 @@ def _cross_config(budget_gb: float) -> ml_collections.ConfigDict:
     from configs import demo
 
     config = demo.get_config()
+    config.teacher.path = config.student.path = ""  # randomly initialised: the shapes of `init`, the tokenizer chosen
     config.teacher.tokenizer = "qwen3"
     config.teacher.init.vocab_size = 151669
     config.stages, config.policies = "synthesize,sft,eval", "motab"

@@ -82,9 +82,12 @@ def test_run_py_command_line_reports_bad_override(tmp_path):
 
 
 # The demo with tiny budgets: every stage runs in well under a minute. Dotted keys, as on run.py's command line.
-TINY = {"data.demo_train": 16, "data.demo_held_out": 4, "data.demo_pretrain": 0, "pretrain.teacher.epochs": 1,
-        "pretrain.student.epochs": 1, "sft.epochs": 1, "sft.save_every": 2, "synthesis.traj_cap": 24,
-        "synthesis.num_slots": 4,
+# The models are pretrained from random initialisation (the recipe of configs/demo_models, 1 epoch on 16 problems).
+TINY = {"teacher.path": "", "student.path": "", "data.demo_train": 16, "data.demo_held_out": 4,
+        "data.demo_pretrain": 0, "pretrain.teacher.epochs": 1, "pretrain.student.epochs": 1,
+        "pretrain.teacher.seq_len": 320, "pretrain.teacher.cutoff_len": 320, "pretrain.student.seq_len": 320,
+        "pretrain.student.cutoff_len": 320, "sft.epochs": 1, "sft.save_every": 2, "sft.seq_len": 320,
+        "sft.cutoff_len": 320, "synthesis.traj_cap": 24, "synthesis.teacher_min_budget": 32, "synthesis.num_slots": 4,
         "synthesis.iterations_per_sync": 4, "eval.max_new_tokens": 16, "stages": "pretrain,synthesize,sft,kd,eval",
         "kd.prompts_per_step": 4, "kd.samples_per_prompt": 2, "kd.max_new_tokens": 8, "kd.seq_len": 160,
         "kd.epochs": 1, "kd.learning_rate": 1e-4}
@@ -194,6 +197,20 @@ def test_shipped_configs_load_and_the_paper_ones_validate(name):
         assert problems == []
 
 
+def test_the_shipped_demo_models_are_what_the_pretrain_recipe_makes():
+    """configs/demo_models holds the output of `configs/demo.py:pretrain`: the recipe validates, starts from random
+    initialisation, and each shipped model has the recipe's architecture (layers, width, vocabulary)."""
+    recipe = demo.get_config("pretrain")
+    assert validate_config(recipe) == [] and recipe.stages.startswith("pretrain")
+    for role, (layers, width, _) in demo.SHAPES.items():
+        assert recipe[role].path == "" and demo.get_config()[role].path == str(demo.DEMO_MODELS / role)
+        shipped = json.loads((demo.DEMO_MODELS / role / "config.json").read_text())
+        assert (shipped["num_hidden_layers"], shipped["hidden_size"], shipped["vocab_size"]) == (
+            layers, width, recipe[role].init.vocab_size), role
+    with pytest.raises(ValueError, match="accepted variants"):
+        demo.get_config("pretrained")
+
+
 def test_hub_questions_fail_clearly_offline(tmp_path):
     from motab_jax.pipeline.stages import _read_questions
 
@@ -213,7 +230,8 @@ def test_preflight_checks_the_pair_before_loading_weights(tmp_path):
                for p in problems), problems
     assert any(p.startswith("memory: stage synthesize needs at least") for p in problems), problems
     config = demo.get_config()
-    config.student.tokenizer = "qwen3"  # a different vocabulary than the teacher's byte-level one
+    config.student.path = ""  # a randomly initialised student with a different vocabulary than the teacher's
+    config.student.tokenizer = "qwen3"
     config.student.init.vocab_size = 151669
     assert preflight(config) == []  # synthesis runs across vocabularies
     config.stages = "synthesize,sft,kd,eval"
@@ -265,11 +283,9 @@ def test_single_host_stages_are_refused_across_processes():
 
 
 def test_compare_policies_table_lines_up_policies_and_accuracy(tiny_run):
-    import importlib.util
+    from test_compare_policies import load_compare_policies
 
-    spec = importlib.util.spec_from_file_location("compare_policies", ROOT / "experiments" / "compare_policies.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_compare_policies()
     summaries, _ = tiny_run
     rows = {line.split(" | ")[0].lstrip("| "): line for line in module.comparison_table(summaries).splitlines()}
     motab = summaries["synthesize"]["motab"]
@@ -293,6 +309,45 @@ def test_demo_data_splits_are_disjoint_and_stable(tmp_path):
     for name in ("train", "held_out"):  # adding a pretrain split leaves the other two unchanged
         assert without[name].read_text() == with_pretrain[name].read_text()
     assert without["pretrain"].read_text() == without["train"].read_text()
+
+
+def test_demo_problems_are_day_by_day_running_totals(tmp_path):
+    """Every generated solution: one step per day, each `total +/- change = next`, the boxed answer the closed form
+    start +/- days * change, every number in 10..99. The student's solution: the same steps, except that a step
+    whose units digits overshoot 10 (undershoot 0) by 5 or more is off by exactly the forgotten carry (borrow),
+    and the next step starts from that wrong total."""
+    import random
+
+    from motab_jax.pipeline.demo_data import make_problem
+
+    rng = random.Random(5)
+    slipped_days = set()
+    for index in range(300):
+        row = make_problem(rng, index)
+        match = re.fullmatch(r"\w+ has (\d+) \w+ and (gets|gives away) (\d+) (?:more )?each day\. How many \w+ "
+                             r"(?:are left )?after (\d) days\?", row["problem"])
+        assert match, row["problem"]
+        start, change, days = int(match[1]), int(match[3]), int(match[4])
+        sign = 1 if match[2] == "gets" else -1
+        steps = row["solution"].split(".\n\n")
+        assert 3 <= days <= 6 and len(steps) == days + 1
+        op = "+" if sign > 0 else "-"
+        for day, step in enumerate(steps[:-1], 1):
+            before = start + sign * (day - 1) * change
+            assert step == f"Day {day}: {before}{op}{change}={before + sign * change}"
+            assert 10 <= before + sign * change <= 99
+        assert row["answer"] == str(start + sign * days * change)
+        assert steps[-1] == f"The answer is \\boxed{{{row['answer']}}}."
+        total = start
+        for day, step in enumerate(row["student_solution"].split(".\n\n")[:-1], 1):
+            units = total % 10 + sign * change
+            forgotten = -10 if units >= 15 else 10 if units <= -5 else 0
+            assert step == f"Day {day}: {total}{op}{change}={total + sign * change + forgotten}"
+            if forgotten:
+                slipped_days.add(day)
+            total += sign * change + forgotten
+        assert row["student_solution"].endswith(f"The answer is \\boxed{{{total}}}.")
+    assert slipped_days == {1, 2, 3, 4, 5, 6}  # the student's first slip can fall on any day
 
 
 def test_run_py_reports_a_missing_model_in_one_message(tmp_path):

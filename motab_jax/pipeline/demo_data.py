@@ -1,7 +1,16 @@
 """Procedurally generated multi-step arithmetic word problems for the embedded demo.
 
-Each solution is written step by step, steps separated by the default delimiter ".\\n\\n", and ends with
-the answer in \\boxed{}: exactly the shape MOTAB monitors and the evaluation harness grades.
+A problem is a starting amount and a daily change over 3 to 6 days ("Ann has 43 pens and gets 8 more each day. How
+many pens after 4 days?"); the solution takes one step per day ("Day 2: 51+8=59"), steps separated by the default
+delimiter ".\\n\\n", and ends with the answer in \\boxed{}: exactly the shape MOTAB monitors and the evaluation
+harness grades. The running total stays in 10..99 and the change is 2..9.
+
+Each row also carries `student_solution`: the same solution written with one systematic misconception, the demo
+student's pretraining target. The student forgets the carry when the units digits add up to 15 or more (57+8=55)
+and the borrow when the change exceeds the units digit by 5 or more (52-8=54), then carries on correctly from its
+wrong total. About 59% of problems have no such step, and the first slip falls on any day (1 to 6), so the student
+is competent but imperfect and its errors are local: one wrong step in an otherwise sound solution, which is the
+situation MOTAB is for. The teacher learns the correct solutions.
 """
 
 from __future__ import annotations
@@ -10,36 +19,50 @@ import json
 import random
 from pathlib import Path
 
-NAMES = ["Ann", "Bob", "Cy", "Dee", "Eli", "Fay"]
-ITEMS = ["apples", "pens", "cards", "coins"]
+NAMES = ["Ann", "Bob", "Cy", "Dee", "Eli", "Fay", "Gus", "Ivy"]
+ITEMS = ["apples", "pens", "cards", "coins", "shells", "stamps"]
+MIN_DAYS, MAX_DAYS = 3, 6
+LOW, HIGH = 10, 99  # the running total's range: every number in a step has one or two digits
+MIN_CHANGE, MAX_CHANGE = 2, 9
+# The student's misconception: a carry (borrow) is forgotten when the units digits overshoot 10 (0) by at least this.
+SLIP_AT = 5
 
 
 def make_problem(rng: random.Random, index: int) -> dict[str, str]:
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
-    total = rng.randint(2, 9)
-    problem = f"{name} has {total} {item}."
-    steps = [f"{name} starts with {total} {item}"]
-    for _ in range(rng.randint(1, 2)):
-        if rng.random() < 0.5 or total < 2:
-            amount = rng.randint(1, 5)
-            problem += f" {name} gets {amount} more."
-            steps.append(f"{total} + {amount} = {total + amount}")
-            total += amount
-        else:
-            amount = rng.randint(1, total - 1)
-            problem += f" {name} gives away {amount}."
-            steps.append(f"{total} - {amount} = {total - amount}")
-            total -= amount
-    problem += f" How many {item} are left?"
-    solution = ".\n\n".join(steps) + f".\n\nThe answer is \\boxed{{{total}}}."
-    return {"id": f"demo-{index}", "problem": problem, "solution": solution, "answer": str(total)}
+    days, gets = rng.randint(MIN_DAYS, MAX_DAYS), rng.random() < 0.5
+    change = rng.randint(MIN_CHANGE, min(MAX_CHANGE, (HIGH - LOW) // days))
+    start = rng.randint(LOW, HIGH - days * change) if gets else rng.randint(LOW + days * change, HIGH)
+    problem = (f"{name} has {start} {item} and gets {change} more each day. How many {item} after {days} days?" if gets
+               else f"{name} has {start} {item} and gives away {change} each day. How many {item} are left after "
+                    f"{days} days?")
+    solution, answer = _solution(start, change if gets else -change, days, slips=False)
+    student_solution, _ = _solution(start, change if gets else -change, days, slips=True)
+    return {"id": f"demo-{index}", "problem": problem, "solution": solution, "answer": answer,
+            "student_solution": student_solution}
+
+
+def _solution(start: int, change: int, days: int, slips: bool) -> tuple[str, str]:
+    """The step-by-step text and the answer; with `slips`, every step that meets the misconception's condition
+    forgets its carry (its borrow), and later steps start from that wrong total."""
+    total, steps = start, []
+    for day in range(1, days + 1):
+        after = total + change
+        units = total % 10 + change
+        if slips and units >= 10 + SLIP_AT:
+            after -= 10
+        elif slips and units <= -SLIP_AT:
+            after += 10
+        steps.append(f"Day {day}: {total}{'+' if change > 0 else '-'}{abs(change)}={after}")
+        total = after
+    return ".\n\n".join(steps) + f".\n\nThe answer is \\boxed{{{total}}}.", str(total)
 
 
 def write_demo_data(folder: str | Path, train: int = 256, held_out: int = 40, seed: int = 0,
                     pretrain: int = 0) -> dict[str, Path]:
     """train.jsonl (problem, solution, answer: the synthesis questions), held_out.jsonl (evaluation) and
     pretrain.jsonl (the models' own training set; with `pretrain` = 0 it is the train split), disjoint by
-    problem text."""
+    solution (so by problem text too)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
@@ -47,8 +70,8 @@ def write_demo_data(folder: str | Path, train: int = 256, held_out: int = 40, se
     rows = []
     while len(rows) < train + held_out + pretrain:
         row = make_problem(rng, len(rows))
-        if row["problem"] not in seen:
-            seen.add(row["problem"])
+        if row["solution"] not in seen:  # distinct arithmetic (a name or item alone does not make a new problem)
+            seen.add(row["solution"])
             rows.append(row)
     paths = {name: folder / f"{name}.jsonl" for name in ("train", "held_out", "pretrain")}
     splits = {"train": rows[:train], "held_out": rows[train:train + held_out],
@@ -56,3 +79,24 @@ def write_demo_data(folder: str | Path, train: int = 256, held_out: int = 40, se
     for name, part in splits.items():
         paths[name].write_text("".join(json.dumps(r) + "\n" for r in part))
     return paths
+
+
+def first_wrong_step(solution: str, response: str, delimiter: str = ".\n\n") -> int | None:
+    """The 1-based index of the first step of `response` that is not the reference `solution`'s step at that index
+    (steps split on `delimiter`; surrounding whitespace and a final "." ignored), or None when every step of
+    `response` matches.
+
+    A demo problem has exactly one correct solution text, so the first differing step is where a trajectory went
+    wrong (an arithmetic slip whose result the later steps carry on); a response cut short is judged on the steps
+    it has (a partial last step counts when it is not a prefix of the reference step).
+    """
+    reference = [s.strip().rstrip(".") for s in solution.split(delimiter)]
+    steps = [s.strip().rstrip(".") for s in response.split(delimiter)]
+    for index, step in enumerate(steps):
+        expected = reference[index] if index < len(reference) else None
+        last = index == len(steps) - 1
+        if expected is None:
+            return index + 1 if step else None
+        if step != expected and not (last and expected.startswith(step)):
+            return index + 1
+    return None

@@ -129,16 +129,21 @@ def _fit_sft(model, tokenizer, examples: list[Example], section: Any, out: Path,
 
 
 def run_pretrain_stage(config: Any, run_dir: Path, mesh: Mesh) -> dict[str, Any]:
-    """Demo only: train the randomly initialised teacher and (less) student on the demo's solutions."""
-    path = _demo_files(config, run_dir)["pretrain"]
-    examples = [Example(id=r["id"], prompt=[{"role": "user",
-                                             "content": question_content(r["problem"], config.synthesis.instruction)}],
-                        response=r["solution"]) for r in _read_questions(path, 0)]
+    """Demo only: train the randomly initialised teacher and student on the demo's solutions; a role whose
+    `pretrain.<role>.target` names another field of the rows (the student's `student_solution`: the solutions
+    with its misconception, `demo_data`) learns that text instead of `solution`."""
+    rows = _read_questions(_demo_files(config, run_dir)["pretrain"], 0)
     summary = {}
     for role in ("teacher", "student"):
-        model, tokenizer = build_model(config[role], mesh)
         section = ml_collections.ConfigDict(config.sft.to_dict())
         section.update(config.pretrain[role].to_dict())
+        target = section.get("target", "solution")
+        if target not in rows[0]:
+            raise KeyError(f"pretrain.{role}.target={target!r}: the demo's rows have no such field; fields: "
+                           f"{sorted(rows[0])}")
+        examples = [Example(id=r["id"], response=r[target], prompt=[
+            {"role": "user", "content": question_content(r["problem"], config.synthesis.instruction)}]) for r in rows]
+        model, tokenizer = build_model(config[role], mesh)
         with _resume_hint("pretrain", f"pretrain.{role}"):
             summary[role] = _fit_sft(model, tokenizer, examples, section, run_dir / "pretrain" / role, mesh)
     return summary

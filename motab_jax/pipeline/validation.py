@@ -373,7 +373,8 @@ def memory_problems(config: Any, teacher: ModelConfig, student: ModelConfig, sta
     logged, and not even one is a problem."""
     devices = jax.device_count()
     breakdown = memory_breakdown(config, teacher, student, text_ratio)
-    summary = ", ".join(f"{k} {format_bytes(sum(v.values()))}" for k, v in breakdown.items())
+    # Only the stages this job runs (a KD estimate at the default 32K-token rollouts is noise in a job without kd).
+    summary = ", ".join(f"{k} {format_bytes(sum(v.values()))}" for k, v in breakdown.items() if k in stages)
     log.info("preflight: memory estimate (parameters, caches, optimizer state, activations): %s; available %s over "
              "%d device(s)", summary, format_bytes(have), devices)
     where = (f"memory_budget_gb={config.synthesis.memory_budget_gb:g}" if config.synthesis.memory_budget_gb
