@@ -130,9 +130,11 @@ def synthesis_statistics(records: list[dict[str, Any]], solutions: dict[str, str
     reference `solutions` (id -> solution text; the demo's), the student's first wrong step e before the teacher
     took over: breaches that caught an error (e <= t) split by where t* fell (t* = e: the root cause found; t* < e:
     backtracked past it; t* > e: a wrong step kept in the prefix the teacher continued), false alarms (no wrong
-    step up to t) and errors missed (a record without a breach whose steps go wrong); the median V_T of judged student
-    steps before the first wrong one, at it (the slip) and after it, and how often the slip fell under its boundary. `judges_steps` False (teacher-
-    only, student-only, SKD token-level): no breach statistics, only the records' correctness and tokens."""
+    step up to t), errors missed (a record without a breach whose steps go wrong) and breaches whose flawed steps
+    the record does not keep (motab_no_stitch, SKD step: only the safe prefix is there to check); the median V_T
+    of judged student steps before the first wrong one, at it (the slip) and after it, and how often the slip fell
+    under its boundary. `judges_steps` False (teacher-only, student-only, SKD token-level): no breach statistics,
+    only the records' correctness and tokens."""
     breached = [r for r in records if r.get("breach_step")]
     out: dict[str, Any] = {"records": len(records), "breached": len(breached) if judges_steps else None,
                            "breach_rate": len(breached) / max(len(records), 1) if judges_steps else None}
@@ -150,19 +152,25 @@ def synthesis_statistics(records: list[dict[str, Any]], solutions: dict[str, str
     if not known or not judges_steps:
         return out
     counts = {"caught_root_found": 0, "caught_root_earlier": 0, "caught_root_later": 0, "false_alarm": 0,
-              "missed": 0, "clean": 0}
+              "missed": 0, "clean": 0, "flawed_not_kept": 0}
     values: dict[str, list[float]] = {"correct": [], "slip": [], "after": []}  # V_T of judged student steps
     slips_below = []  # the slip step's V_T under its boundary eps
     for r in known:
         prefix = _student_prefix(r)
         e = first_wrong_step(solutions[str(r["id"])], prefix, delimiter)
-        for k, step in enumerate(r.get("steps", []), 1):
+        # Policies that keep the flawed steps (MOTAB and two of its ablations) mark the seam with a revise segment;
+        # the others (motab_no_stitch, SKD step) keep only the safe prefix, so steps past it cannot be judged here.
+        dropped = bool(r.get("breach_step")) and not any(seg["source"] == "revise" for seg in r.get("segments", []))
+        judged = prefix.count(delimiter) if dropped else len(r.get("steps", []))
+        for k, step in enumerate(r.get("steps", [])[:judged], 1):
             if step.get("value") is not None:
                 values["correct" if e is None or k < e else "slip" if k == e else "after"].append(step["value"])
                 if k == e:
                     slips_below.append(step["value"] < step["eps"])
         t, t_star = r.get("breach_step"), r.get("root_step") or r.get("breach_step")
-        if t:
+        if dropped:
+            counts["flawed_not_kept"] += 1
+        elif t:
             if e is None or e > t:
                 counts["false_alarm"] += 1
             else:
@@ -324,14 +332,16 @@ def seeds_table(result: dict[str, Any]) -> str:
         lines.append("")
     lines += ["### Synthesis records (mean over seeds; histograms and counts summed)", "",
               "| policy | breach rate | breach step t: mean, histogram t=1.. | t* < t | depth t−t* histogram | "
-              "records correct | student errors: root found / backtracked past / kept / false alarm / missed / clean "
+              "records correct | student errors: root found / backtracked past / kept / false alarm / missed / clean / "
+              "flawed steps not in the record "
               "| median V_T: right steps / slip / after it | slip under eps | tokens student / revise / teacher |",
               "| --- | ---: | --- | ---: | --- | ---: | --- | --- | ---: | ---: |"]
     for label, s in result["synthesis"].items():
         hist = s.get("breach_step_hist")
         e = s.get("student_errors")
         errors = "-" if not e else " / ".join(str(e[k]) for k in ("caught_root_found", "caught_root_earlier",
-                                                                  "caught_root_later", "false_alarm", "missed", "clean"))
+                                                                  "caught_root_later", "false_alarm", "missed", "clean",
+                                                                  "flawed_not_kept"))
         lines.append(f"| {label} | {_fmt(s['breach_rate'])} | {_fmt(s['breach_step_mean'])}"
                      f"{'' if not hist else ': ' + ' '.join(map(str, hist[1:]))} | {_fmt(s['root_before_breach'])} | "
                      f"{' '.join(map(str, s.get('depth_hist', []))) or '-'} | {_pct(s['records_correct'])} | {errors} | "

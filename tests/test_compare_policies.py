@@ -108,13 +108,20 @@ def test_synthesis_statistics_classify_breaches_against_the_first_wrong_step(com
         _record("e", SOLUTION, breach=1, root=1, student="15 + 25 = 40.\n\n"),  # false alarm: step 1 is right
         _record("f", wrong2, breach=3, root=3, student=wrong2, values=(0.95, 0.6, 0.3)),  # e = 2 < t* = 3: kept
     ]
-    solutions = {k: SOLUTION for k in "abcdef"}
+    solutions = {k: SOLUTION for k in "abcdefg"}
+    # motab_no_stitch / SKD step: the record keeps the safe prefix (step 1) and the teacher's text, no revise segment
+    # and not the flawed step 2, whose V_T (0.2) must not count as a right step's.
+    no_stitch = _record("g", SOLUTION, breach=2, root=2, student="15 + 25 = 40.\n\n", values=(0.9, 0.2))
+    no_stitch["segments"] = [s for s in no_stitch["segments"] if s["source"] != "revise"]
+    kept = compare.synthesis_statistics(records + [no_stitch], solutions)
+    assert kept["student_errors"]["flawed_not_kept"] == 1 and kept["student_errors"]["false_alarm"] == 1
+    assert kept["v_t_median"]["correct"] == pytest.approx(0.9)
     s = compare.synthesis_statistics(records, solutions)
     assert s["breached"] == 4 and s["breach_rate"] == pytest.approx(4 / 6)
     assert s["breach_step_hist"] == [0, 1, 1, 2] and s["breach_step_mean"] == pytest.approx(9 / 4)
     assert s["root_before_breach"] == pytest.approx(1 / 4) and s["depth_hist"] == [3, 1]
     assert s["student_errors"] == {"caught_root_found": 2, "caught_root_earlier": 0, "caught_root_later": 1,
-                                   "false_alarm": 1, "missed": 1, "clean": 1}
+                                   "false_alarm": 1, "missed": 1, "clean": 1, "flawed_not_kept": 0}
     assert s["records_correct"] == pytest.approx(2 / 6)  # a and e end in the reference solution
     assert s["tokens"] == {"student": 60, "revise": 12, "teacher": 20}
     # V_T before the slip (.9, .9, .95), at it (.7, .3, .6; only .3 under eps = .4) and after it (.8, .9, .2, .3).
