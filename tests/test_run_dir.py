@@ -151,10 +151,12 @@ def test_a_changed_setting_is_refused_naming_the_fields_and_redo_remakes_the_sta
     with pytest.raises(StageInputsChanged) as refused:
         runner.run_pipeline(_config(tmp_path, **{"synthesis.eps0": 0.3, "sft.epochs": 2}))
     message = str(refused.value)
-    assert "stage synthesize (finished; outputs: synthesis_motab.jsonl (3 records)): synthesis.eps0 0.2 -> 0.3." \
+    demo_config = demo.get_config()
+    eps0, epochs = demo_config.synthesis.eps0, demo_config.sft.epochs  # the demo's own settings, recorded first
+    assert f"stage synthesize (finished; outputs: synthesis_motab.jsonl (3 records)): synthesis.eps0 {eps0} -> 0.3." \
         in message
     assert "To redo it and sft: --config.redo=synthesize" in message
-    assert "stage sft (finished; outputs: sft_motab/): sft.epochs 8 -> 2; synthesis.eps0 0.2 -> 0.3" in message
+    assert f"stage sft (finished; outputs: sft_motab/): sft.epochs {epochs} -> 2; synthesis.eps0 {eps0} -> 0.3" in message
     assert stages.calls == ["synthesize", "sft"]
     assert (tmp_path / "synthesis_motab.jsonl").read_text() == records
     assert (tmp_path / "config.json").read_text() == config_json  # still the settings of the data held
@@ -241,7 +243,7 @@ def test_a_stage_finished_before_an_earlier_stage_ran_is_refused_and_old_directo
     runner.run_pipeline(_config(tmp_path, stages="synthesize,sft,eval"))
     assert stages.calls == ["eval", "synthesize", "sft", "eval"]
     assert read_record(tmp_path, "sft").covers == ["synthesize", "sft"]
-    with pytest.raises(StageInputsChanged, match=r"synthesis\.eps0 0\.2 -> 0\.5"):
+    with pytest.raises(StageInputsChanged, match=rf"synthesis\.eps0 {demo.get_config().synthesis.eps0} -> 0\.5"):
         runner.run_pipeline(_config(tmp_path, **{"synthesis.eps0": 0.5}))
 
 
