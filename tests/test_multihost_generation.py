@@ -233,6 +233,19 @@ def _lines(path: Path) -> int:
     return path.read_bytes().count(b"\n") if path.exists() else 0
 
 
+def _kill_all_when(procs: list[subprocess.Popen], condition) -> None:
+    """SIGKILL every process of a running job as soon as `condition()` holds (within 10 minutes); the job must not
+    end on its own before."""
+    deadline = time.monotonic() + 600
+    while not condition() and time.monotonic() < deadline:
+        assert all(p.poll() is None for p in procs), "the job ended before it could be killed"
+        time.sleep(0.02)
+    for proc in procs:
+        proc.send_signal(signal.SIGKILL)
+    for proc in procs:
+        proc.communicate()
+
+
 @pytest.mark.slow
 def test_killed_two_process_job_resumes_to_the_same_outputs(one_process, tmp_path):
     """Both processes SIGKILLed once their MOTAB shards hold records, then relaunched: the merged outputs equal
@@ -240,15 +253,7 @@ def test_killed_two_process_job_resumes_to_the_same_outputs(one_process, tmp_pat
     reference, _ = one_process
     run = tmp_path / "run"
     shards = [shard_path(run / "synthesis_motab.jsonl", i, 2) for i in range(2)]
-    procs = _start(run, 2)
-    deadline = time.monotonic() + 600
-    while not all(_lines(s) >= 1 for s in shards) and time.monotonic() < deadline:
-        assert all(p.poll() is None for p in procs), "the job ended before it could be killed"
-        time.sleep(0.02)
-    for proc in procs:
-        proc.send_signal(signal.SIGKILL)
-    for proc in procs:
-        proc.communicate()
+    _kill_all_when(_start(run, 2), lambda: all(_lines(s) >= 1 for s in shards))
     written = sum(_lines(s) for s in shards)
     assert 2 <= written < 16 and not (run / "synthesis_motab.jsonl").exists()
     assert not (run / "stages" / "synthesize.done").exists()
@@ -335,15 +340,7 @@ def test_one_engine_over_two_killed_processes_resumes_to_the_same_outputs(one_pr
     reference, _ = one_process_global
     run = tmp_path / "run"
     records = run / "synthesis_motab.jsonl"
-    procs = _start(run, 2, GLOBAL_JOB)
-    deadline = time.monotonic() + 600
-    while _lines(records) < 2 and time.monotonic() < deadline:
-        assert all(p.poll() is None for p in procs), "the job ended before it could be killed"
-        time.sleep(0.02)
-    for proc in procs:
-        proc.send_signal(signal.SIGKILL)
-    for proc in procs:
-        proc.communicate()
+    _kill_all_when(_start(run, 2, GLOBAL_JOB), lambda: _lines(records) >= 2)
     written = len(read_jsonl(records, torn_tail=True))
     assert 2 <= written < 16 and not (run / "stages" / "synthesize.done").exists()
     _finish(_start(run, 2, GLOBAL_JOB))
