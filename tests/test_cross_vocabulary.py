@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -192,26 +193,41 @@ def test_the_teachers_continuation_follows_its_distribution():
     assert _chi_square_pvalue(counts, probs) > 1e-3
 
 
-def test_text_level_synthesis_runs_the_slots_whose_full_caches_fit():
-    """This path gives each slot pages for its whole capacity, so the memory left by the weights caps the slots;
-    not even one slot is a MemoryError naming the arithmetic."""
-    from motab_jax.motab.cross_engine import slots_plan
+def test_text_level_pools_are_sized_by_memory_and_refused_below_one_trajectory_plus_the_prompts():
+    """Each model's pool gets the same share of every slot's full capacity from what the weights leave (never more
+    than all slots at full capacity), every slot runs, `num_pages` sets both pools; a pool below one trajectory at
+    full capacity plus the other slots' prompts is a MemoryError naming the arithmetic and the knobs."""
+    from motab_jax.motab.cross_engine import pools_plan
     from motab_jax.motab.cross_sizing import TokenRatio
     from motab_jax.motab.pool import GIB, weight_bytes
 
     student, teacher, _, _ = _pair()
     weights = weight_bytes(student, teacher) / GIB
-    cfg = dict(SETTINGS, page_size=16)
+    cfg = dict(SETTINGS, page_size=16)  # slots of student 114 (8 pages) + teacher 162 (11 pages) positions
     ratio = TokenRatio(1.0, 1.0, 1, "test")
-    fits = {gb: slots_plan(dict(cfg, memory_budget_gb=gb), student, teacher, ratio, wanted=64).slots
-            for gb in (weights + 1e-4, weights + 1e-3, weights + 10)}  # the tiny pair: ~50 KB per slot
-    assert fits[weights + 10] == 64  # plenty: what was asked for
-    assert 1 <= fits[weights + 1e-4] < fits[weights + 1e-3] < 64
+    plans = {gb: pools_plan(dict(cfg, memory_budget_gb=gb), student, teacher, ratio, wanted=64)
+             for gb in (weights + 2e-3, weights + 3e-3, weights + 10)}  # the tiny pair: ~76 KB per slot
+    roomy, small, smaller = plans[weights + 10], plans[weights + 3e-3], plans[weights + 2e-3]
+    assert (roomy.student_pages, roomy.teacher_pages, roomy.capacity_share) == (64 * 8 + 1, 64 * 11 + 1, 1.0)
+    assert all(p.slots == 64 for p in plans.values())  # every slot runs; a small pool preempts instead
+    assert smaller.teacher_pages < small.teacher_pages < roomy.teacher_pages
+    for plan in (small, smaller):  # the same share of each model's full capacity
+        assert abs(plan.student_pages / 8 - plan.teacher_pages / 11) <= 1
+        assert plan.pool_bytes <= plan.free_bytes * 0.95 < plan.pool_bytes + plan.student_page_bytes + \
+            plan.teacher_page_bytes
     # Two engine groups split the budget (each holds a copy of the weights).
-    assert slots_plan(dict(cfg, memory_budget_gb=2 * (weights + 1e-3)), student, teacher, ratio, wanted=64,
-                      groups=2).slots == fits[weights + 1e-3]
-    with pytest.raises(MemoryError, match=r"KV pages per slot \(student 114 \+ teacher 162 positions"):
-        slots_plan(dict(cfg, memory_budget_gb=weights + 1e-7), student, teacher, ratio, wanted=64)
+    grouped = pools_plan(dict(cfg, memory_budget_gb=2 * (weights + 3e-3)), student, teacher, ratio, wanted=64,
+                         groups=2)
+    assert (grouped.student_pages, grouped.teacher_pages) == (small.student_pages, small.teacher_pages)
+    pinned = pools_plan(dict(cfg, num_pages=200), student, teacher, ratio, wanted=64)
+    assert (pinned.student_pages, pinned.teacher_pages) == (200, 200) and "num_pages=200" in pinned.describe()
+    # The least that runs: the teacher's 11 pages + 63 prompts of 2 pages + the null page.
+    assert (small.student_min, small.teacher_min) == (8 + 63 * 2 + 1, 11 + 63 * 2 + 1)
+    with pytest.raises(MemoryError, match=r"KV pages per slot \(student 114 \+ teacher 162 positions\) for one "
+                                          r"trajectory at full capacity, plus the prompts of the 63 other slots: at "
+                                          r"least 135 student \+ 138 teacher pages .* raise synthesis.memory_budget_gb "
+                                          r"or num_pages"):
+        pools_plan(dict(cfg, num_pages=137), student, teacher, ratio, wanted=64)
 
 
 @pytest.mark.slow  # ~95 s on 2 busy cores: two runs and the grouped programs' compilation
@@ -264,3 +280,67 @@ def test_teacher_steps_past_the_trajectory_cap_end_at_the_students_cache_instead
     for record in records:
         assert record["finish_reason"] == "length", record["finish_reason"]
         assert record["tokens"]["teacher"] > cfg["traj_cap"]  # the teacher's steps went past the cap
+
+
+# Admission by free pages and preemption (`motab.cross_pages`; its bookkeeping alone: tests/test_cross_preemption.py).
+PREEMPTED = "preempted the most recently started trajectory"
+
+
+def test_text_level_synthesis_refuses_a_pool_below_one_trajectory_plus_the_prompts_naming_the_knobs():
+    student, teacher, s_tok, t_tok = _pair()
+    with pytest.raises(MemoryError, match=r"at least \d+ student \+ \d+ teacher pages .* raise "
+                                          r"synthesis.memory_budget_gb or num_pages"):
+        list(motab_jax.synthesize(student, teacher, s_tok, QUESTIONS[:2], dict(SETTINGS, num_pages=8),
+                                  progress=False, teacher_tokenizer=t_tok))
+
+
+def _run_pool(cfg: dict, caplog) -> tuple[dict, int]:
+    student, teacher, s_tok, t_tok = _pair()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="motab_jax"):
+        records = list(motab_jax.synthesize(student, teacher, s_tok, QUESTIONS, cfg, progress=False,
+                                            teacher_tokenizer=t_tok))
+    by_key = {(r["id"], r["sample_index"]): r for r in records}
+    assert len(by_key) == len(records) == len(QUESTIONS) * cfg["samples_per_question"]  # none lost or duplicated
+    return by_key, sum(PREEMPTED in m for m in caplog.messages)
+
+
+def _same_records(got: dict, want: dict) -> None:
+    assert sorted(got) == sorted(want)
+    for key, w in want.items():
+        g = dict(got[key])
+        for field in set(w) | set(g):
+            if field == "steps":
+                assert [(s["start"], s["source"]) for s in g["steps"]] == \
+                    [(s["start"], s["source"]) for s in w["steps"]], key
+                for a, b in zip(g["steps"], w["steps"]):
+                    for name in ("value", "eps", "entropy"):
+                        if b[name] is None:
+                            assert a[name] is None, (key, name)
+                        else:  # the other rows of a batch differ between the runs: float noise at most
+                            np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-9)
+            else:
+                assert g.get(field) == w.get(field), (key, field)
+
+
+# Five questions over three slots, pages of 4 positions and syncs of 32 tokens (the reservation's growth). 50 pages
+# per pool is the least the plan allows: the teacher's, at the measured ratio 1.012, one trajectory at full capacity
+# (164 positions, 41 pages) + 2 other prompts of ceil(1.012 x 12) = 13 positions (4 pages each) + the null page.
+PRESSURE = dict(SETTINGS, page_size=4, max_prompt_len=12, iterations_per_sync=32)
+
+
+# Each case runs twice and compiles both pool shapes (~35 s alone on 2 busy cores, the first ~60 s): the fast set
+# keeps the case that exercises most (sampling keys, judging, rewinds), the slow set the other three.
+@pytest.mark.parametrize("policy,temperature", [("motab", 1.0)] + [
+    pytest.param(p, t, marks=pytest.mark.slow) for p, t in (("motab", 0.0), ("teacher_only", 0.0),
+                                                             ("teacher_only", 1.0))])
+def test_a_pool_that_preempts_gives_the_records_of_a_roomy_pool(policy, temperature, caplog):
+    """Records of trajectories preempted (their pages freed in both pools, their jobs rerun) equal those of a pool
+    that never preempts: keys per job, host state rebuilt from the job, nothing lost or duplicated."""
+    cfg = dict(PRESSURE, policy=policy, temperature=temperature, teacher_temperature=temperature, top_p=1.0, seed=5)
+    roomy, none = _run_pool(cfg, caplog)
+    small, preempted = _run_pool(dict(cfg, num_pages=50), caplog)
+    assert none == 0 and preempted > 0
+    _same_records(small, roomy)
+    if policy == "motab":
+        assert any(r["breach_step"] for r in roomy.values()), "the settings must make the teacher intervene"

@@ -13,16 +13,18 @@ ends a step (`cross_device.decode`); the host turns every finished step into tex
 incremental encoding, incomplete UTF-8 held back); one batched teacher `feed` scores them all; the host judges in
 order (the policy's own `boundary` / `judge` and `transition.root_cause`); breaching slots rewind their text to
 the safe state and the teacher writes (`decode` in its vocabulary) the rest, or one step for one-step policies.
-Cache sizes and slot count: `cross_sizing` (the teacher's caches from the measured teacher/student token ratio;
-the slots whose full-capacity caches fit), the rule the preflight reports. On a mesh whose `data` axis has G > 1
+Cache and pool sizes: `cross_sizing` (the teacher's caches from the measured teacher/student token ratio; each
+model's page pool sized by memory), the rule the preflight reports. Pages: `cross_pages` (admission when both pools
+have pages for a prompt; every device call reserves its rows' pages first, preempting the most recently started
+trajectory when a pool runs dry and rerunning it later with the same record). On a mesh whose `data` axis has G > 1
 entries the slots split into G engine groups (`cross_device` runs each group's rows under `shard_map`, with its
 own pools and group-local page ids; the models are tensor parallel within a group), as on the token path. On a mesh
 spanning processes (one engine over several hosts, `pipeline.multihost`) every process runs this host loop, its
 encoders included, on the same values: device inputs are assembled from each process's identical copy and the
-outputs the host reads are gathered to every process (`driver.HostIO`); the slots are planned from the least free
-memory of the hosts and checked identical before anything runs (`driver.check_same_everywhere`). Limits
-of this first version: the pools hold every slot at full length (no admission by free pages, no preemption); the
-host loop waits for each phase (no exploration past an unscored step); the teacher decodes without drafts.
+outputs the host reads are gathered to every process (`driver.HostIO`); the pools are planned from the least free
+memory of the hosts and checked identical before anything runs (`driver.check_same_everywhere`), and every page
+decision is a function of host state. Limits of this version: the host loop waits for each phase (no exploration
+past an unscored step); the teacher decodes without drafts.
 """
 
 from __future__ import annotations
@@ -38,13 +40,13 @@ from flax import nnx
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from motab_jax.models.paged_cache import PageAllocator, PagedKVCache
 from motab_jax.models.sharding import SAMPLING_RULES, data_groups
 from motab_jax.models.transformer import Decoder
 from motab_jax.motab.cross_device import RUNNING, STOP_BUDGET, STOP_EOS, DecodeRows, decode, feed
+from motab_jax.motab.cross_pages import GroupPages, SlotBook
 from motab_jax.motab.cross_records import StepRecord, build_cross_record
 from motab_jax.motab.cross_sizing import TextPathPlan, TokenRatio, measure_token_ratio, plan_text_path, ratio_texts
-from motab_jax.motab.driver import HostIO, check_same_everywhere, created_in_place, model_mesh, to_global
+from motab_jax.motab.driver import EngineStats, HostIO, check_same_everywhere, created_in_place, model_mesh
 from motab_jax.motab.engine import EngineSpec
 from motab_jax.motab.pool import GIB, device_memory, memory_over_devices, pages_for, weight_bytes
 from motab_jax.motab.state import FINISH_EOS, FINISH_LENGTH, FINISH_MAX_STEPS, FINISH_TEACHER_BUDGET
@@ -67,45 +69,34 @@ class CrossJob:
     key_id: int
 
 
-class _GroupPages:
-    """The page allocators of G engine groups behind global slot ids: slot g * per_group + local is local slot
-    `local` of group g, whose pool (the g-th contiguous part of the cache's pool) has its own null page."""
-
-    def __init__(self, groups: int, per_group: int, pages_per_seq: int, page_size: int):
-        self.per_group, self.pages_per_seq, self.page_size = per_group, pages_per_seq, page_size
-        self.allocators = [PageAllocator(per_group * pages_per_seq + 1, page_size, per_group, pages_per_seq)
-                           for _ in range(groups)]
-
-    @property
-    def pool_pages(self) -> int:
-        """Pages of all groups' pools together."""
-        return sum(a.num_pages for a in self.allocators)
-
-    def ensure(self, slot: int, num_tokens: int) -> None:
-        self.allocators[slot // self.per_group].ensure(slot % self.per_group, num_tokens)
-
-    def free(self, slot: int) -> None:
-        self.allocators[slot // self.per_group].free(slot % self.per_group)
-
-    def commit(self, cache: PagedKVCache) -> PagedKVCache:
-        table = np.concatenate([a.table for a in self.allocators])
-        return dataclasses.replace(cache, page_table=to_global(table, cache.page_table.sharding))
-
-
 @dataclasses.dataclass
 class _Side:
     """One model's device state: parameters, paged cache, page allocators, per-slot ids the cache holds."""
 
+    name: str  # its pool's name in the `SlotBook`
     model_def: Any
     params: Any
     cache: Any
-    pages: _GroupPages
+    pages: GroupPages
     tables: EngineTables
     tokenizer: Any
     text_bytes: list[bytes]  # what each id adds to the context text (special tokens: nothing, as a detokenizer)
     held: list[list[int]]
     groups: Mesh | None  # the mesh whose `data` axis splits the slots (None: one engine group)
     io: HostIO  # host values to and from the device (on a mesh spanning processes: the same on every process)
+    book: SlotBook | None = None  # reserves pages (preempting); set once both sides exist
+
+    def reserve(self, needs: dict[int, int]) -> None:
+        """Pages for `needs[slot]` positions of each slot in this model's pool (the book may preempt slots,
+        these among them: callers keep only the slots still live)."""
+        assert self.book is not None
+        self.book.reserve(self.name, needs)
+
+    def rewind(self, slot: int, num_tokens: int) -> None:
+        """The slot's context is now `num_tokens` long (a rewind): the pages past it go back to the pool and the
+        cache no longer holds the ids past it."""
+        self.pages.trim(slot, num_tokens)
+        self.held[slot] = self.held[slot][:num_tokens]
 
     @property
     def capacity(self) -> int:
@@ -113,12 +104,13 @@ class _Side:
         return self.pages.pages_per_seq * self.pages.page_size
 
     @classmethod
-    def build(cls, model: Decoder, tokenizer: Any, num_slots: int, max_len: int, page_size: int, delimiter: str,
-              eos: Sequence[int], paged_impl: str) -> _Side:
+    def build(cls, name: str, model: Decoder, tokenizer: Any, num_slots: int, max_len: int, page_size: int,
+              num_pages: int, delimiter: str, eos: Sequence[int], paged_impl: str) -> _Side:
+        """`num_pages`: pages of each engine group's pool, the null page included."""
         model_def, params = nnx.split(model)
         mesh = model_mesh(model)
         num_groups = data_groups(mesh)
-        pages = _GroupPages(num_groups, num_slots // num_groups, pages_for(max_len, page_size), page_size)
+        pages = GroupPages(num_groups, num_slots // num_groups, pages_for(max_len, page_size), page_size, num_pages)
         # Pools split over KV heads like the weights, and over data (one pool per group), created in place.
         cache = created_in_place(
             lambda: model.init_paged_cache(num_slots, max_len, page_size=page_size, num_pages=pages.pool_pages,
@@ -133,13 +125,16 @@ class _Side:
         special = special_token_mask(tokenizer).tolist()
         # Ids past the tokenizer's vocabulary (padded logits) add no text.
         text = [b"" if s else t for t, s in zip(table[:vocab], special)] + [b""] * (vocab - len(table))
-        return cls(model_def, params, cache, pages, tables, tokenizer, text, [[] for _ in range(num_slots)],
+        return cls(name, model_def, params, cache, pages, tables, tokenizer, text, [[] for _ in range(num_slots)],
                    mesh if num_groups > 1 else None, io)
 
     def feed(self, targets: dict[int, list[int]], score_from: dict[int, int], entropy_top_k: int
              ) -> dict[int, tuple[float, float]]:
         """Make each slot's cache hold `targets[slot]`; returns per slot (sum of log p of target[i] for i >=
         score_from[slot] (absolute), top-k entropy after the last target id)."""
+        self.reserve({slot: len(target) for slot, target in targets.items()})
+        # Preempted rows drop out (no admission happens inside a phase, so a live slot is the caller's trajectory).
+        targets = {slot: target for slot, target in targets.items() if self.book.live(slot)}
         if not targets:
             return {}
         b = len(self.held)
@@ -150,7 +145,6 @@ class _Side:
             if slot in score_from:
                 start = min(start, score_from[slot] - 1)
             plans[slot] = (start, target[start:])
-            self.pages.ensure(slot, len(target))
         width = bucket(max(len(tokens) for _, tokens in plans.values()))
         tokens = np.zeros((b, width), np.int32)
         start = np.zeros(b, np.int32)
@@ -211,11 +205,12 @@ class _Trajectory:
 def run_cross_engine(spec: EngineSpec, student: Decoder, teacher: Decoder, student_tokenizer: Any,
                      teacher_tokenizer: Any, jobs: Sequence[CrossJob], cfg: Mapping[str, Any], *,
                      student_eos: Sequence[int], teacher_eos: Sequence[int],
-                     stats: EncoderStats | None = None, ratio_sample: tuple[str, Sequence[str]] | None = None
-                     ) -> Iterator[tuple[CrossJob, dict[str, Any]]]:
+                     stats: EncoderStats | None = None, ratio_sample: tuple[str, Sequence[str]] | None = None,
+                     counters: EngineStats | None = None) -> Iterator[tuple[CrossJob, dict[str, Any]]]:
     """Run every job; yields (job, record fields) as trajectories finish (see `cross_records`). `ratio_sample`:
     (where from, texts) to measure the teacher/student token ratio on (`cross_sizing.ratio_texts`; default the
-    bundled MATH-500 solutions)."""
+    bundled MATH-500 solutions). `counters`: gets the rounds (`syncs`), trajectory starts (reruns included) and
+    preemptions."""
     policy = spec.policy
     groups = data_groups(model_mesh(student))
     if data_groups(model_mesh(teacher)) != groups:
@@ -225,30 +220,44 @@ def run_cross_engine(spec: EngineSpec, student: Decoder, teacher: Decoder, stude
     source, texts = ratio_sample or ratio_texts(())
     ratio = measure_token_ratio(student_tokenizer, teacher_tokenizer, texts, source)
     log.info("cross-vocabulary synthesis: %s", ratio.describe())
-    # num_slots over all engine groups, as on the token path: each group gets its share (rounded up) if it fits.
+    # num_slots over all engine groups, as on the token path: each group gets its share (rounded up).
     wanted = -(-min(int(cfg["num_slots"]), len(jobs)) // groups)
-    plan = slots_plan(cfg, student, teacher, ratio, wanted=wanted, groups=groups)
+    plan = pools_plan(cfg, student, teacher, ratio, wanted=wanted, groups=groups)
     num_slots = groups * plan.slots
     mesh = model_mesh(student)
     if mesh is not None and mesh.is_multi_process:
         check_same_everywhere(
-            (plan.slots, plan.student_len, plan.teacher_len, page, cfg["seed"],
+            (plan.slots, plan.student_len, plan.teacher_len, plan.student_pages, plan.teacher_pages, page, cfg["seed"],
              [(j.index, j.key_id, tuple(j.student_prompt), j.teacher_prompt_text) for j in jobs]),
-            {"jobs": len(jobs), "slots per group": plan.slots},
-            "set synthesis.memory_budget_gb when the hosts' free memory differs")
+            {"jobs": len(jobs), "slots per group": plan.slots, "student pages": plan.student_pages,
+             "teacher pages": plan.teacher_pages},
+            "set synthesis.memory_budget_gb or num_pages when the hosts' free memory differs")
     sides = {
-        "student": _Side.build(student, student_tokenizer, num_slots, plan.student_len, page, cfg["delimiter"],
-                               student_eos, cfg["paged_impl"]),
-        "teacher": _Side.build(teacher, teacher_tokenizer, num_slots, plan.teacher_len, page, cfg["delimiter"],
-                               teacher_eos, cfg["paged_impl"])}
+        "student": _Side.build("student", student, student_tokenizer, num_slots, plan.student_len, page,
+                               plan.student_pages, cfg["delimiter"], student_eos, cfg["paged_impl"]),
+        "teacher": _Side.build("teacher", teacher, teacher_tokenizer, num_slots, plan.teacher_len, page,
+                               plan.teacher_pages, cfg["delimiter"], teacher_eos, cfg["paged_impl"])}
+    slots: list[_Trajectory | None] = [None] * num_slots
+
+    def drop(slot: int) -> None:
+        """A preempted slot's trajectory is discarded; its rerun rebuilds it from the job."""
+        slots[slot] = None
+        for side in sides.values():
+            side.held[slot] = []
+
+    book: SlotBook[CrossJob] = SlotBook({name: side.pages for name, side in sides.items()}, jobs, drop,
+                                        lambda slot: slots[slot] is not None and slots[slot].mode == DONE)
+    for side in sides.values():
+        side.book = book
     stats = stats if stats is not None else EncoderStats()
     base = jax.random.key(cfg["seed"])
-    queue = list(jobs)[::-1]
-    slots: list[_Trajectory | None] = [None] * num_slots
     chunk = int(cfg["iterations_per_sync"])
     at_capacity = 0
-    while queue or any(slots):
-        _admit(spec, sides, slots, queue, stats, cfg)
+    teacher_prompts: dict[int, IncrementalEncoder] = {}  # encoded for admission, handed to the trajectory
+    while book.busy:
+        _admit(spec, sides, slots, book, teacher_prompts, stats, cfg, chunk)
+        if counters is not None:
+            counters.syncs += 1
         _explore(spec, sides, slots, base, chunk)
         _judge(spec, sides, slots, cfg)
         _teach(spec, sides, slots, base, chunk, cfg)
@@ -256,13 +265,16 @@ def run_cross_engine(spec: EngineSpec, student: Decoder, teacher: Decoder, stude
             if traj is not None and traj.mode == DONE:
                 at_capacity += traj.at_capacity
                 slots[i] = None
+                book.finish(i)
                 for side in sides.values():
-                    side.pages.free(i)
                     side.held[i] = []
                 yield traj.job, build_cross_record(traj, student_tokenizer, teacher_tokenizer, policy=policy,
                                                    revise=cfg["revise"])
-    log.info("cross-vocabulary synthesis: %d incremental encodes, %d characters encoded, %d full re-encodes",
-             stats.calls, stats.chars_encoded, stats.full_encodes)
+    if counters is not None:
+        counters.preemptions += book.preemptions
+        counters.started += book.started
+    log.info("cross-vocabulary synthesis: %d incremental encodes, %d characters encoded, %d full re-encodes; %d "
+             "preemption(s)", stats.calls, stats.chars_encoded, stats.full_encodes, book.preemptions)
     if at_capacity:
         log.warning("cross-vocabulary synthesis: %d of %d trajectories reached a cache's capacity (teacher %d "
                     "positions, sized for %.3f teacher tokens per student token; student %d) and were cut there "
@@ -277,19 +289,29 @@ def _keys(base: jax.Array, trajectories: list[_Trajectory | None], model: int) -
     return np.asarray(jax.random.key_data(keys))
 
 
-def _admit(spec: EngineSpec, sides: dict[str, _Side], slots: list[_Trajectory | None], queue: list[CrossJob],
-           stats: EncoderStats, cfg: Mapping[str, Any]) -> None:
+def _admit(spec: EngineSpec, sides: dict[str, _Side], slots: list[_Trajectory | None], book: SlotBook[CrossJob],
+           teacher_prompts: dict[int, IncrementalEncoder], stats: EncoderStats, cfg: Mapping[str, Any],
+           chunk: int) -> None:
+    """Start the queued jobs both pools have pages for (`SlotBook.admit`) and feed their prompts."""
+    def encoder(job: CrossJob) -> IncrementalEncoder:
+        # Kept until the job starts: a job that waits for pages is encoded once (a preempted job's rerun starts a
+        # fresh encoder; the encoding is exact, so the same ids).
+        if job.index not in teacher_prompts:
+            teacher_prompts[job.index] = IncrementalEncoder(sides["teacher"].tokenizer, job.teacher_prompt_text,
+                                                            stats=stats)
+        return teacher_prompts[job.index]
+
+    # A prompt plus one sync of growth in each pool: what the first decode (or the teacher's first chunk) writes.
+    admitted = book.admit(lambda job: {"student": len(job.student_prompt) + chunk,
+                                       "teacher": len(encoder(job).ids) + chunk})
     started: list[int] = []
-    per_group = sides["student"].pages.per_group
-    # Free slots group by group in turn (local slot 0 of every group, then 1, ...): the work spreads over the groups.
-    for i in sorted(range(len(slots)), key=lambda i: (i % per_group, i // per_group)):
-        if slots[i] is None and queue:
-            job = queue.pop()
-            teacher = IncrementalEncoder(sides["teacher"].tokenizer, job.teacher_prompt_text, stats=stats)
-            slots[i] = _Trajectory(job, list(job.student_prompt), teacher, len(job.student_prompt))
-            started.append(i)
+    for i, job in admitted:
+        slots[i] = _Trajectory(job, list(job.student_prompt), teacher_prompts.pop(job.index),
+                               len(job.student_prompt))
+        started.append(i)
     if not started:
         return
+    # The pages were reserved at admission: these feeds preempt nothing.
     if spec.uses_teacher:
         out = sides["teacher"].feed({i: slots[i].teacher.ids for i in started}, {}, spec.entropy_top_k)
         for i in started:
@@ -309,7 +331,10 @@ def _admit(spec: EngineSpec, sides: dict[str, _Side], slots: list[_Trajectory | 
 def _decode(side: _Side, rows: dict[int, _Trajectory], base: jax.Array, slots: list[_Trajectory | None], *,
             model: int, rule: Any, step_cap: int, stop_at_step_end: bool, chunk: int,
             context: dict[int, list[int]], budget: dict[int, int]) -> dict[int, tuple[list[int], list[float], int]]:
-    """One `decode` call over `rows`: returns per slot (tokens, log-probs, stop reason)."""
+    """One `decode` call over `rows`: returns per slot (tokens, log-probs, stop reason), for the rows still live
+    after the call's pages were reserved (a reservation may preempt rows)."""
+    side.reserve({slot: min(len(context[slot]) + chunk, side.capacity) for slot in rows})
+    rows = {slot: traj for slot, traj in rows.items() if slots[slot] is traj}
     b = len(slots)
     pending = np.zeros(b, np.int32)
     ctx_len = np.ones(b, np.int32)
@@ -325,7 +350,6 @@ def _decode(side: _Side, rows: dict[int, _Trajectory], base: jax.Array, slots: l
         automaton[slot], step_len[slot] = traj.automaton, len(traj.step_ids)
         budgets[slot] = budget[slot]
         stop[slot] = RUNNING if budget[slot] > 0 else STOP_BUDGET
-        side.pages.ensure(slot, min(len(ids) + chunk, side.capacity))
     side.cache = side.pages.commit(side.cache)
     put = lambda a: side.io.put(a, P("data"))  # noqa: E731
     state = DecodeRows(keys=side.io.keys(_keys(base, slots, model)), position=put(position), pending=put(pending),
@@ -396,6 +420,8 @@ def _judge(spec: EngineSpec, sides: dict[str, _Side], slots: list[_Trajectory | 
                                     {i: b + skip for i, b in before.items()}, spec.entropy_top_k)
               if policy.needs_teacher else {})
     for slot, traj in ended.items():
+        if slots[slot] is not traj:
+            continue  # preempted for the scoring's pages: it reruns from its job
         n_teacher = len(traj.teacher.ids) - before[slot] - skip
         if policy.needs_teacher:
             traj.teacher_forwards += 1
@@ -442,6 +468,9 @@ def _backtrack(spec: EngineSpec, sides: dict[str, _Side], traj: _Trajectory, slo
     traj.interventions += 1
     traj.teacher.truncate(traj.steps[t_star - 1].context_chars)
     traj.student_ids = traj.student_ids[:traj.prompt_len + safe]
+    # The pages past the safe state go back to the pools (the caches are re-fed from there when needed).
+    sides["student"].rewind(slot, len(traj.student_ids) - 1)
+    sides["teacher"].rewind(slot, _common_prefix(sides["teacher"].held[slot], traj.teacher.ids))
     traj.mode = TEACHER
     traj.teacher_budget = max(spec.teacher_min_budget, spec.traj_cap - safe)
     traj.step_chars = len(traj.teacher.text)
@@ -460,6 +489,9 @@ def _teach(spec: EngineSpec, sides: dict[str, _Side], slots: list[_Trajectory | 
         context = {i: t.teacher.ids + t.step_ids for i, t in rows.items()}
         teacher.feed({i: ids[:-1] for i, ids in context.items() if len(ids) > 1 and teacher.held[i] != ids[:-1]}, {},
                      spec.entropy_top_k)
+        rows = {i: t for i, t in rows.items() if slots[i] is t}  # the feed's pages may have preempted some
+        if not rows:
+            continue
         # The teacher writes within its cache: a context that leaves less room than the budget cuts it (rare: the
         # cache holds the measured token ratio's share of the student's capacity plus the whole budget).
         budget = {i: max(min(t.teacher_budget, teacher.capacity - len(context[i])), 0) for i, t in rows.items()}
@@ -493,17 +525,20 @@ def _teach(spec: EngineSpec, sides: dict[str, _Side], slots: list[_Trajectory | 
         entropy = teacher.feed({i: t.teacher.ids for i, t in handed_back.items()}, {}, spec.entropy_top_k)
         sides["student"].feed({i: t.student_ids[:-1] for i, t in handed_back.items()}, {}, spec.entropy_top_k)
         for slot, traj in handed_back.items():
+            if slots[slot] is not traj:
+                continue  # preempted for the feeds' pages
             traj.h_context = 0.0 if cfg["entropy_zero"] else entropy[slot][1]
             if len(traj.steps) >= spec.max_steps:
                 traj.mode, traj.finish = DONE, FINISH_MAX_STEPS
 
 
-def slots_plan(cfg: Mapping[str, Any], student: Decoder, teacher: Decoder, ratio: TokenRatio, *, wanted: int,
+def pools_plan(cfg: Mapping[str, Any], student: Decoder, teacher: Decoder, ratio: TokenRatio, *, wanted: int,
                groups: int = 1) -> TextPathPlan:
-    """The slots whose full-capacity caches fit what the loaded weights leave on one engine group (at the paper's
-    lengths this path runs fewer slots rather than run out of memory): `memory_budget_gb` (weights included, split
-    over `groups` like the token engine's pools) when set, else the group's free device memory (on CPU a quarter of
-    the host RAM less the weights). Raises MemoryError when not even one slot fits."""
+    """Both models' page pools for `wanted` slots per engine group (`cross_sizing.plan_text_path`): `num_pages` each
+    when set, else from what the loaded weights leave on one group: `memory_budget_gb` (weights included, split over
+    `groups` like the token engine's pools) when set, else the group's free device memory (on CPU a quarter of the
+    host RAM less the weights). Raises MemoryError when a pool cannot hold one trajectory at full capacity plus the
+    other slots' prompts."""
     weights = weight_bytes(student, teacher)
     if cfg.get("memory_budget_gb"):
         free = cfg["memory_budget_gb"] * GIB / groups - weights
@@ -526,7 +561,7 @@ def slots_plan(cfg: Mapping[str, Any], student: Decoder, teacher: Decoder, ratio
                           where=where, groups=groups)
     if plan.slots < 1:
         raise MemoryError(plan.refusal())
-    (log.warning if plan.slots < wanted else log.info)("%s", plan.describe())
+    log.info("%s", plan.describe())
     return plan
 
 

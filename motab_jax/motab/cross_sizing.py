@@ -1,6 +1,6 @@
-"""How big the text-level (cross-vocabulary) engine's KV caches are: one rule for the engine and the preflight.
+"""How big the text-level (cross-vocabulary) engine's KV page pools are: one rule for the engine and the preflight.
 
-The text path gives every slot pages for its whole capacity in both models' pools (no admission by pages yet):
+A slot addresses the positions of its whole capacity in each model's cache:
 
     student_len = bucket(max_prompt_len) + traj_cap + 2
     teacher_len = ceil(r * student_len) + max(teacher_min_budget, traj_cap)
@@ -13,10 +13,18 @@ varies with its content (digits, LaTeX). A trajectory whose teacher encoding sti
 there (finish "length"; the engine logs how many did). Measured on MATH-500 (first 32 / all 500 solutions,
 pooled and worst): o200k/Qwen 0.965 / 0.963, worst 1.05 / 1.11; Qwen/Llama 3 1.050 / 1.046, worst 1.21 / 1.40.
 
-Slots: those whose full-capacity caches fit what the weights leave, less `pool.WORKSPACE_FRACTION`; with
-`memory_budget_gb` set, that budget (weights included) decides. Over G engine groups (the mesh's `data` axis) each
-group holds a copy of the weights and num_slots / G slots (rounded up) if they fit its share of the memory. Not even one slot is a MemoryError (the preflight
-reports it before any weights load).
+Only the pages of live tokens are held (`cross_pages`: admission by free pages, preemption), so the pools are sized
+by memory, not by slots x capacity, as on the token path (`pool`), one pool per model (the student's holds student
+tokens, the teacher's teacher tokens):
+- `num_pages` > 0: that many pages in each model's pool of each engine group;
+- otherwise what the weights leave of `memory_budget_gb` (weights included) when set, else of the free device
+  memory, less `pool.WORKSPACE_FRACTION`, split between the two pools in the proportion of one slot's full-capacity
+  caches (so both pools hold the same share of every slot's capacity); never more than every slot at full capacity.
+Over G engine groups (the mesh's `data` axis) each group holds a copy of the weights, num_slots / G slots (rounded
+up) and its own pools from its share of the memory. Refused (the preflight reports it before any weights load; the
+engine raises MemoryError), as on the token path: a pool that cannot hold one trajectory at full capacity plus
+every other slot's prompt. Above that every slot runs; when the live tokens outgrow a pool the engine preempts the
+most recently started trajectory and reruns it later (same record), so a small pool costs time, never records.
 """
 
 from __future__ import annotations
@@ -92,29 +100,63 @@ def cache_lengths(cfg: Mapping[str, Any], ratio: float) -> tuple[int, int]:
 
 @dataclasses.dataclass(frozen=True)
 class TextPathPlan:
-    """The slots of the text path in each engine group and what sets them."""
+    """The slots and page pools of the text path in each engine group and what sets them."""
 
     wanted: int  # slots asked for per group (num_slots / groups rounded up, at most the trajectories to run)
-    slots: int  # slots per group whose caches fit (0: not even one; the engine refuses)
-    student_len: int
+    slots: int  # slots per group it runs: `wanted`, or 0 when a pool cannot hold the least (the engine refuses)
+    student_len: int  # positions one slot addresses in the student's cache
     teacher_len: int
     slot_bytes: float  # KV bytes of one slot at full capacity, both models
-    free_bytes: float  # what the weights leave on the group
-    where: str  # where `free_bytes` comes from
+    free_bytes: float  # what the weights leave on the group (0 when num_pages was given)
+    where: str  # where `free_bytes` (or the page count) comes from
     groups: int = 1
+    page_size: int = 16
+    student_pages: int = 0  # pages of the student's pool in each group, the null page included
+    teacher_pages: int = 0
+    student_min: int = 0  # the least pages each pool needs: one trajectory at full capacity, the other prompts, null
+    teacher_min: int = 0
+    student_page_bytes: int = 0  # KV bytes of one page of each model
+    teacher_page_bytes: int = 0
+
+    @property
+    def pool_bytes(self) -> float:
+        """KV bytes of both pools of one group."""
+        return float(self.student_pages * self.student_page_bytes + self.teacher_pages * self.teacher_page_bytes)
+
+    @property
+    def min_bytes(self) -> float:
+        return float(self.student_min * self.student_page_bytes + self.teacher_min * self.teacher_page_bytes)
+
+    @property
+    def capacity_share(self) -> float:
+        """The share of every slot's full-capacity caches the pools hold when all slots are busy (1: no preemption
+        can happen); past it the engine preempts."""
+        return min(self.pool_bytes / (self.wanted * self.slot_bytes), 1.0) if self.wanted else 1.0
 
     def describe(self) -> str:
         each = f" in each of {self.groups} engine groups" if self.groups > 1 else ""
         return (f"text-level synthesis runs {self.slots} of {self.wanted} slots{each}: each slot holds "
                 f"{self.slot_bytes / GIB:.3g} GiB of KV pages at full capacity (student {self.student_len} + teacher "
-                f"{self.teacher_len} positions), and {self.free_bytes / GIB:.3g} GiB{each.replace(' in', ' of')} are "
-                f"left after the weights ({self.where}; {WORKSPACE_FRACTION:.0%} kept for XLA's workspace)")
+                f"{self.teacher_len} positions); the pools hold {self.student_pages} student + {self.teacher_pages} "
+                f"teacher pages of {self.page_size} positions{each.replace(' in', ' of')} "
+                f"({self.pool_bytes / GIB:.3g} GiB, {self.capacity_share:.0%} of every slot at full capacity; past that "
+                f"the engine preempts) from {self._source()}")
 
     def refusal(self) -> str:
+        each = f" in each of {self.groups} engine groups" if self.groups > 1 else ""
         return (f"text-level synthesis needs {self.slot_bytes / GIB:.3g} GiB of KV pages per slot (student "
-                f"{self.student_len} + teacher {self.teacher_len} positions at full capacity) but {self.where} leaves "
-                f"{self.free_bytes / GIB:.3g} GiB after the weights; lower synthesis.traj_cap or max_prompt_len, or "
-                "use more devices")
+                f"{self.student_len} + teacher {self.teacher_len} positions) for one trajectory at full capacity, plus "
+                f"the prompts of the {self.wanted - 1} other slots{each}: at least {self.student_min} student + "
+                f"{self.teacher_min} teacher pages of {self.page_size} positions ({self.min_bytes / GIB:.3g} GiB), but "
+                f"the pools get {self.student_pages} + {self.teacher_pages} pages ({self.pool_bytes / GIB:.3g} GiB "
+                f"from {self._source()}); raise synthesis.memory_budget_gb or num_pages, or lower num_slots, traj_cap or "
+                "max_prompt_len, or use more devices")
+
+    def _source(self) -> str:
+        if not self.free_bytes and self.where.startswith("num_pages="):
+            return self.where
+        return (f"{self.free_bytes / GIB:.3g} GiB left after the weights ({self.where}; {WORKSPACE_FRACTION:.0%} "
+                "kept for XLA's workspace)")
 
 
 def slot_bytes(cfg: Mapping[str, Any], student: ModelConfig, teacher: ModelConfig, ratio: float
@@ -123,16 +165,34 @@ def slot_bytes(cfg: Mapping[str, Any], student: ModelConfig, teacher: ModelConfi
     compute dtype."""
     page = int(cfg["page_size"])
     student_len, teacher_len = cache_lengths(cfg, ratio)
-    per_slot = float(sum(pages_for(length, page) * page * kv_bytes_per_token(m.num_layers, m.num_kv_heads,
-                                                                             m.head_dim, m.compute_dtype)
+    per_slot = float(sum(pages_for(length, page) * _page_bytes(m, page)
                          for m, length in ((student, student_len), (teacher, teacher_len))))
     return student_len, teacher_len, per_slot
 
 
+def _page_bytes(model: ModelConfig, page_size: int) -> int:
+    return page_size * kv_bytes_per_token(model.num_layers, model.num_kv_heads, model.head_dim, model.compute_dtype)
+
+
 def plan_text_path(cfg: Mapping[str, Any], student: ModelConfig, teacher: ModelConfig, ratio: float, *, wanted: int,
                    free_bytes: float, where: str, groups: int = 1) -> TextPathPlan:
-    """The slots (of `wanted`) whose full-capacity caches fit `free_bytes` (one group's), less the workspace
-    fraction."""
+    """Both pools of one group for `wanted` slots (see the module docstring for the rule): `num_pages` each when
+    set, else from `free_bytes` (what the weights leave on one group) less the workspace fraction."""
+    page = int(cfg["page_size"])
     student_len, teacher_len, per_slot = slot_bytes(cfg, student, teacher, ratio)
-    fit = max(int(free_bytes * (1 - WORKSPACE_FRACTION) // per_slot), 0)
-    return TextPathPlan(wanted, min(wanted, fit), student_len, teacher_len, per_slot, free_bytes, where, groups)
+    per_seq = {"student": pages_for(student_len, page), "teacher": pages_for(teacher_len, page)}
+    # The teacher's prompt is the same question in its tokens (its own template aside): the ratio's share.
+    prompt = {"student": pages_for(int(cfg["max_prompt_len"]), page),
+              "teacher": pages_for(math.ceil(ratio * int(cfg["max_prompt_len"])), page)}
+    least = {k: per_seq[k] + (wanted - 1) * prompt[k] + 1 for k in per_seq}
+    if int(cfg.get("num_pages") or 0):
+        pages = {k: int(cfg["num_pages"]) for k in per_seq}
+        free_bytes, where = 0.0, f"num_pages={int(cfg['num_pages'])}"
+    else:
+        # Both pools get the same share of every slot's full capacity: the budget over one slot's bytes, in slots.
+        share = max(free_bytes, 0.0) * (1 - WORKSPACE_FRACTION) / per_slot
+        pages = {k: min(wanted * per_seq[k] + 1, int(share * per_seq[k])) for k in per_seq}
+    fits = all(pages[k] >= least[k] for k in per_seq)
+    return TextPathPlan(wanted, wanted if fits else 0, student_len, teacher_len, per_slot, free_bytes, where, groups,
+                        page, pages["student"], pages["teacher"], least["student"], least["teacher"],
+                        _page_bytes(student, page), _page_bytes(teacher, page))

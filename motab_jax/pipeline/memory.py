@@ -9,7 +9,7 @@ import jax
 
 from motab_jax.models.config import ModelConfig
 from motab_jax.models.sharding import MeshConfig
-from motab_jax.motab.cross_sizing import TextPathPlan, TokenRatio, plan_text_path, slot_bytes
+from motab_jax.motab.cross_sizing import TextPathPlan, TokenRatio, plan_text_path
 from motab_jax.motab.pool import GIB, PoolPlan, memory_over_devices, plan_pool
 from motab_jax.motab.synthesize import kv_token_bytes, synthesis_pool
 from motab_jax.sampling.sampler import bucket
@@ -177,9 +177,9 @@ def generation_pools(config: Any, teacher: ModelConfig, student: ModelConfig,
 
 def text_path_plan(config: Any, teacher: ModelConfig, student: ModelConfig, ratio: TokenRatio,
                    have: float) -> TextPathPlan:
-    """The slots per engine group text-level synthesis (a teacher with another tokenizer) would run:
-    `cross_sizing`'s rule with what the weights leave on one group's share of `have` bytes (over all devices), or
-    of `memory_budget_gb`."""
+    """The page pools per engine group text-level synthesis (a teacher with another tokenizer) would get (slots 0:
+    refused): `cross_sizing`'s rule with `num_pages`, or what the weights leave on one group's share of `have`
+    bytes (over all devices) or of `memory_budget_gb`."""
     s = config.synthesis
     groups = engine_groups(config)
     budget = float(s.memory_budget_gb) * GIB
@@ -198,7 +198,7 @@ def _micro_rows(section: Any, rows: int) -> int:
 def memory_breakdown(config: Any, teacher: ModelConfig, student: ModelConfig,
                      text_ratio: TokenRatio | None = None) -> dict[str, dict[str, float]]:
     """Bytes each stage needs at its peak, summed over devices, by part: parameters in their dtypes and KV
-    caches for synthesis (with `text_ratio`, text-level synthesis: one slot's caches at full capacity); for sft /
+    caches for synthesis (with `text_ratio`, text-level synthesis: the least pools it runs with); for sft /
     kd float32 master weights + AdamW moments + gradients (16 B per parameter) and the activations of one
     micro-batch (`training_activation_bytes`, with the student's remat policy and the attention kernel it
     resolves to), kd also the teacher's weights and forward."""
@@ -221,12 +221,13 @@ def memory_breakdown(config: Any, teacher: ModelConfig, student: ModelConfig,
         (f"parameters{copies}", synthesis.groups * (param_bytes(teacher, config.teacher)
                                                     + param_bytes(student, config.student))),
         least_pools(synthesis, synthesis.token_bytes, "one trajectory")])}
-    if text_ratio is not None:  # the text path holds every slot at full capacity (`motab.cross_sizing`)
-        student_len, teacher_len, per_slot = slot_bytes(dict(config.synthesis), _cached(student, config.student),
-                                                        _cached(teacher, config.teacher), text_ratio.for_caches)
+    if text_ratio is not None:  # the text path's own pools (`motab.cross_sizing`): the least that runs
+        text = text_path_plan(config, teacher, student, text_ratio, 0.0)
         out["synthesize"] = {next(iter(out["synthesize"])): next(iter(out["synthesize"].values())),
-                             f"KV caches of one text-level slot at full capacity (student {student_len} + teacher "
-                             f"{teacher_len} positions)": per_slot}
+                             f"KV page pools of text-level synthesis, the least that runs ({text.student_min} student + "
+                             f"{text.teacher_min} teacher pages{copies}: one trajectory at full capacity, student "
+                             f"{text.student_len} + teacher {text.teacher_len} positions, + {text.wanted - 1} prompts)":
+                             text.groups * text.min_bytes}
     evaluation = pools["eval"]
     out["eval"] = dict([
         (f"parameters (the larger model evaluated){copies}", evaluation.groups * max(
