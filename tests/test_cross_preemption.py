@@ -30,8 +30,15 @@ def test_a_dry_pool_preempts_the_newest_trajectory_freeing_both_pools_and_requeu
     # A group that preempted admits nothing in the next admission round; then c starts first.
     assert book.admit(lambda job: {"student": 4, "teacher": 4}) == []
     assert book.admit(lambda job: {"student": 4, "teacher": 4}) == [(2, "c")]
-    # The reserving slot may be the newest itself: it is the one preempted.
-    assert book.reserve("teacher", {2: 32}) == [2] and book.preemptions == 2 and list(book.queue) == ["c", "d", "e"]
+    # A victim among the call's own later rows is skipped there (regression: it was looked up after its preemption).
+    assert book.reserve("teacher", {0: 32, 2: 8}) == [2] and pools["teacher"].held(2) == 0
+    assert pools["teacher"].held(0) == 8 and book.preemptions == 2
+    assert book.finish(1) == "b"  # its 2 teacher pages go back
+    assert book.admit(lambda job: {"student": 4, "teacher": 4}) == []  # the round after a preemption
+    assert book.admit(lambda job: {"student": 4, "teacher": 4}) == [(1, "c"), (2, "d")]
+    # Newest first, down to the reserving slot itself when it is the newest left: d, then c; requeued in order.
+    assert book.reserve("teacher", {1: 32}) == [2, 1] and book.preemptions == 4
+    assert list(book.queue) == ["c", "d", "e"] and book.live(0) and not book.live(1)
 
 
 def test_finished_trajectories_give_their_pages_back_before_anything_is_preempted():

@@ -169,13 +169,15 @@ class SlotBook(Generic[JobT]):
         preempting the most recently started trajectory of a group whose pool runs dry (possibly one of `needs`).
         Returns the preempted slots, in order."""
         pool = self.pools[pool_name]
-        preempted: list[int] = []
-        for slot in sorted(needs, key=lambda i: self.started_at[i]):
+        for slot in needs:  # before preempting anything
             if self.jobs[slot] is None:
                 raise KeyError(f"slot {slot} holds no trajectory: nothing to reserve {pool_name} pages for")
-            if needs[slot] > pool.capacity:  # before preempting anything for it
+            if needs[slot] > pool.capacity:
                 raise ValueError(f"slot {slot}: {needs[slot]} positions exceed the {pool_name}'s cache of "
                                  f"{pool.capacity}; a context must end at its cache's capacity")
+        preempted: list[int] = []
+        for slot in sorted(needs, key=lambda i: self.started_at[i]):
+            # A slot preempted for an older one's pages in this call (it was the newest) needs none now.
             while self.jobs[slot] is not None and not pool.can_hold(slot, needs[slot]):
                 group = pool.group(slot)
                 members = [i for i in range(group * self.per_group, (group + 1) * self.per_group)
