@@ -212,7 +212,7 @@ def _synthesize_cross(spec: EngineSpec, cfg: Mapping[str, Any], student: Decoder
         try:
             for job, fields in run_cross_engine(spec, student, teacher, tokenizer, teacher_tokenizer, jobs, cfg,
                                                 student_eos=student_eos, teacher_eos=teacher_eos, stats=encoding,
-                                                ratio_sample=ratio_texts(questions)):
+                                                ratio_sample=ratio_texts(questions), counters=stats):
                 qi, r = queue[job.index]
                 bar.update(1)
                 yield {"id": items[qi].id, "sample_index": r, "prompt": prompts[qi][0], "policy": spec.policy.name,
