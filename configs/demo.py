@@ -3,10 +3,11 @@
 Generated multi-step arithmetic word problems (motab_jax/pipeline/demo_data.py: a running total over 3 to 6 days,
 one step per day). The teacher and the student are small Qwen3-shaped models with the built-in byte-level tokenizer,
 shipped in configs/demo_models/ (see its README). Both have the same architecture and initialisation and differ only
-in what they were trained on: the teacher on the correct solutions, the student on solutions written with one
-systematic misconception (it forgets a carry when the units digits add up to 15 or more, and the matching borrow).
-So the teacher solves all held-out problems and the student about half (58%), and the student's errors are local:
-one wrong step, which the later steps carry on. The job runs MOTAB and teacher-only synthesis on 256 problems, SFT
+in what they were trained on: the teacher on the correct solutions (and on going on from the right total after a
+wrong step, so it does not take a wrong total on trust), the student on solutions written with one systematic
+misconception (it forgets a carry when the units digits add up to 15 or more, and the matching borrow). So the
+teacher solves all held-out problems and the student about half (58%), and the student's errors are local: one
+wrong step, which the later steps carry on. The job runs MOTAB and teacher-only synthesis on 256 problems, SFT
 of the student on each, and the evaluation of the four models on 100 held-out problems.
 
 The shipped models are the output of this repository's `pretrain` stage (pretraining is not the method, and it costs
@@ -68,11 +69,14 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     s.samples_per_question, s.num_slots, s.traj_cap, s.step_cap = 1, 32, 160, 32
     s.teacher_min_budget, s.max_prompt_len, s.max_steps, s.draft_len = 160, 192, 12, 8
     # The boundary's scale for byte-level steps. A slip is one wrong digit among the ~16 bytes of a step, so the step's
-    # geometric-mean teacher probability V_T is about 0.4-0.6 (the teacher gives the wrong digit ~1e-5, every other
-    # byte ~1), while a right step's is ~1.0 and the teacher's entropy before a step is ~0 (eps = eps0). The paper's
-    # eps0 = 0.2 (useful range 0.1-0.5) is a scale for BPE steps whose tokens each carry more; at 0.5 four slips in ten
-    # pass the gate (measured on the demo's synthesis set, not the held-out one), at 0.8 none do.
-    s.eps0 = 0.8
+    # geometric-mean teacher probability V_T is about 0.45-0.65 (median 0.53), a right step's ~1.0, and the teacher's
+    # entropy before a step ~0 (eps = eps0). The step after a slip that passed starts from the wrong total, which the
+    # teacher (trained to recompute it, demo_data.recovery_example) marks down to about 0.35-0.7. Measured on the
+    # demo's 256 synthesis problems (not the held-out ones): at 0.55 three slips in four breach where they happen, 9
+    # more one step later (backtracking then finds the slip: t* < t) and 13 of 98 pass unseen; at 0.5 t* < t in 8
+    # breaches but 72 slips pass; at 0.6 or more nearly every slip breaches where it happens (t* = t). The paper's
+    # eps0 = 0.2 (useful range 0.1-0.5) is a scale for BPE steps whose tokens each carry more.
+    s.eps0 = 0.55
     s.output_path = ""
     config.sft.update(dict(learning_rate=3e-4, min_learning_rate=3e-5, warmup_ratio=0.1, epochs=4,
                            global_batch_size=16, seq_len=352, cutoff_len=352, save_every=1000, chunk_size=176))
@@ -82,10 +86,13 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
                           learning_rate=1e-4, min_learning_rate=1e-5, chunk_size=176))
     # The recipe of configs/demo_models: both models from random initialisation on the 3200 pretrain problems, 16 per
     # step (a row is at most 301 tokens), the teacher on the correct solutions, the student on its misconception's.
+    # The teacher also reads half the problems once more with one day written wrong (not trained on) and the correct
+    # rest (trained on), so it recomputes the running total rather than copying it (demo_data.recovery_example).
     for role, epochs in (("teacher", 5), ("student", 5)):
         config.pretrain[role] = ml_collections.ConfigDict(dict(
             epochs=epochs, learning_rate=3e-3, min_learning_rate=3e-4, seq_len=320, cutoff_len=320, save_every=100,
-            target="solution" if role == "teacher" else "student_solution"))
+            target="solution" if role == "teacher" else "student_solution",
+            recovery=0.5 if role == "teacher" else 0.0))
     if variant == "pretrain":
         config.run_dir = "runs/demo_pretrain"
         config.stages = "pretrain,eval"

@@ -350,6 +350,46 @@ def test_demo_problems_are_day_by_day_running_totals(tmp_path):
     assert slipped_days == {1, 2, 3, 4, 5, 6}  # the student's first slip can fall on any day
 
 
+def test_recovery_examples_go_on_from_the_right_total():
+    """The demo teacher's recovery rows: the prefix is the solution up to a day k whose result is wrong (checked
+    against the step's own arithmetic); the continuation is the correct solution from day k+1 on, so the next step
+    starts from the right total, not the one written. The prefix is context (student segment, masked), the
+    continuation the target."""
+    import random
+
+    from motab_jax.data.formatting import format_example
+    from motab_jax.pipeline.demo_data import make_problem, recovery_example
+    from motab_jax.pipeline.stages import _recovery_examples
+    from motab_jax.text import byte_level_tokenizer
+
+    rng, days_seen, tens = random.Random(7), set(), 0
+    for index in range(200):
+        solution = make_problem(rng, index)["solution"]
+        prefix, rest = recovery_example(solution, rng)
+        steps = solution.split(".\n\n")
+        done, _, partial = prefix.rpartition(".\n\n")
+        wrong_steps = done.split(".\n\n")
+        k = len(wrong_steps)
+        assert wrong_steps[:-1] == steps[:k - 1]
+        day, a, op, c, written = re.fullmatch(r"Day (\d): (\d+)([+-])(\d+)=(\d+)", wrong_steps[-1]).groups()
+        right = int(a) + int(c) if op == "+" else int(a) - int(c)
+        assert int(day) == k and 10 <= int(written) <= 99 and int(written) != right
+        assert f"Day {k}: {a}{op}{c}={right}" == steps[k - 1]
+        tens += abs(int(written) - right) == 10
+        assert partial == "" and rest == ".\n\n".join(steps[k:])
+        days_seen.add(k)
+    assert days_seen == {1, 2, 3, 4, 5, 6} and 60 < tens < 160  # any day; the misconception's slip half the time
+    rows = [dict(make_problem(rng, i), id=f"p{i}") for i in range(40)]
+    examples = _recovery_examples(rows, lambda r: r["problem"], 0.5, 3, ".\n\n")
+    assert 10 < len(examples) < 30 and examples == _recovery_examples(rows, lambda r: r["problem"], 0.5, 3, ".\n\n")
+    tok = byte_level_tokenizer()
+    row = format_example(examples[0], tok, mask_flawed_student_segment=True)
+    seg = examples[0].segments
+    trained = [int(t) for t, m in zip(row.input_ids, row.loss_mask) if m]
+    assert tok.decode(trained[:-1]) == seg[2]["text"] and trained[-1] == tok.eos_token_id
+    assert seg[0]["text"] in tok.decode(row.input_ids)  # the wrong day is context
+
+
 def test_run_py_reports_a_missing_model_in_one_message(tmp_path):
     run = tmp_path / "run"
     result = subprocess.run([sys.executable, "run.py", "--config.stages=models", f"--config.run_dir={run}",

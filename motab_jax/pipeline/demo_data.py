@@ -10,13 +10,15 @@ student's pretraining target. The student forgets the carry when the units digit
 and the borrow when the change exceeds the units digit by 5 or more (52-8=54), then carries on correctly from its
 wrong total. About 59% of problems have no such step, and the first slip falls on any day (1 to 6), so the student
 is competent but imperfect and its errors are local: one wrong step in an otherwise sound solution, which is the
-situation MOTAB is for. The teacher learns the correct solutions.
+situation MOTAB is for. The teacher learns the correct solutions, and (`recovery_example`) to go on from the right
+total when the step before it is wrong, as a strong teacher reads a solution: it does not take a wrong total on trust.
 """
 
 from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 
 NAMES = ["Ann", "Bob", "Cy", "Dee", "Eli", "Fay", "Gus", "Ivy"]
@@ -56,6 +58,41 @@ def _solution(start: int, change: int, days: int, slips: bool) -> tuple[str, str
         steps.append(f"Day {day}: {total}{'+' if change > 0 else '-'}{abs(change)}={after}")
         total = after
     return ".\n\n".join(steps) + f".\n\nThe answer is \\boxed{{{total}}}.", str(total)
+
+
+_STEP = re.compile(r"Day (\d+): (\d+)([+-])(\d+)=(\d+)")
+
+
+def recovery_example(solution: str, rng: random.Random, delimiter: str = ".\n\n") -> tuple[str, str]:
+    """(prefix, continuation) of a correct `solution`: the prefix is its steps up to a random day k, with day k's
+    result written wrong (its carry or borrow forgotten, or one digit off); the continuation is the rest of the
+    correct solution, which goes on from the RIGHT total (day k+1 starts from it, or the answer is the right one).
+
+    The demo teacher trains on the continuation (the prefix is context, not a target: `mask_flawed`), so it learns
+    to recompute the running total instead of copying whatever the last step says. A copying teacher scores every
+    step after a wrong total as right, so a slip that passed the gate is never caught and the root cause of a breach
+    is always the breaching step itself (t* = t). This one gives the step after a slip a wrong number (the total it
+    starts from), so a slip that passed can still be caught there, by a drop smaller than the slip's own, and
+    backtracking then finds the slip (t* < t).
+    """
+    steps = solution.split(delimiter)
+    days = [_STEP.fullmatch(s) for s in steps[:-1]]
+    if not days or not all(days):
+        raise ValueError(f"not a demo solution (steps 'Day d: a+c=b' then the answer): {solution!r}")
+    k = rng.randrange(len(days))
+    day, total, sign, change, right = days[k].groups()
+    right_value = int(right)
+    wrong = set()
+    for candidate in (right_value - 10, right_value + 10,  # the carry / borrow forgotten or doubled
+                      *(right_value // 10 * 10 + u for u in range(10)),  # the units digit off
+                      *(t * 10 + right_value % 10 for t in range(1, 10))):  # the tens digit off
+        if LOW <= candidate <= HIGH and candidate != right_value:
+            wrong.add(candidate)
+    # Half the time the misconception's own slip (a ten lost or gained) when it is a two-digit number.
+    tens = sorted(c for c in wrong if abs(c - right_value) == 10)
+    value = rng.choice(tens) if tens and rng.random() < 0.5 else rng.choice(sorted(wrong))
+    steps = steps[:k] + [f"Day {day}: {total}{sign}{change}={value}"]
+    return delimiter.join(steps) + delimiter, delimiter.join(solution.split(delimiter)[k + 1:])
 
 
 def write_demo_data(folder: str | Path, train: int = 256, held_out: int = 40, seed: int = 0,

@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import os
+import random
 import re
 from pathlib import Path
 from typing import Any, Iterator
@@ -29,7 +30,7 @@ from motab_jax.models.factory import build_model
 from motab_jax.models.sharding import SAMPLING_RULES
 from motab_jax.motab import synthesize
 from motab_jax.motab.synthesize import parse_questions
-from motab_jax.pipeline.demo_data import write_demo_data
+from motab_jax.pipeline.demo_data import recovery_example, write_demo_data
 from motab_jax.pipeline.multihost import (all_gather, drop_private_outputs, generation_mesh, generation_plan,
                                           is_primary, private_output, wait_for_all)
 from motab_jax.pipeline.policy_runs import PolicyRun, find_run, policy_runs
@@ -141,12 +142,29 @@ def run_pretrain_stage(config: Any, run_dir: Path, mesh: Mesh) -> dict[str, Any]
         if target not in rows[0]:
             raise KeyError(f"pretrain.{role}.target={target!r}: the demo's rows have no such field; fields: "
                            f"{sorted(rows[0])}")
-        examples = [Example(id=r["id"], response=r[target], prompt=[
-            {"role": "user", "content": question_content(r["problem"], config.synthesis.instruction)}]) for r in rows]
+        prompt = lambda r: [{"role": "user", "content": question_content(r["problem"], config.synthesis.instruction)}]  # noqa: E731
+        examples = [Example(id=r["id"], response=r[target], prompt=prompt(r)) for r in rows]
+        examples += _recovery_examples(rows, prompt, float(section.get("recovery", 0.0)), section.seed,
+                                       config.synthesis.delimiter)
         model, tokenizer = build_model(config[role], mesh)
         with _resume_hint("pretrain", f"pretrain.{role}"):
-            summary[role] = _fit_sft(model, tokenizer, examples, section, run_dir / "pretrain" / role, mesh)
+            summary[role] = _fit_sft(model, tokenizer, examples, section, run_dir / "pretrain" / role, mesh,
+                                     mask_flawed=True)
     return summary
+
+
+def _recovery_examples(rows: list[dict[str, Any]], prompt: Any, share: float, seed: int,
+                       delimiter: str) -> list[Example]:
+    """`pretrain.<role>.recovery` = share: that share of the rows (chosen by `seed`) once more, as a solution whose
+    day k is wrong (context: a student segment, masked) and the correct rest (trained) (`demo_data.recovery_example`)."""
+    rng = random.Random(seed)
+    chosen = [r for r in rows if rng.random() < share]
+    examples = []
+    for r in chosen:
+        wrong, rest = recovery_example(r["solution"], rng, delimiter)
+        examples.append(Example(id=f"{r['id']}-recovery", response=wrong + rest, prompt=prompt(r), segments=[
+            {"source": "student", "text": wrong}, {"source": "revise", "text": ""}, {"source": "teacher", "text": rest}]))
+    return examples
 
 
 def run_synthesize_stage(config: Any, run_dir: Path, mesh: Mesh) -> dict[str, Any]:
