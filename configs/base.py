@@ -110,7 +110,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.sft = ml_collections.ConfigDict(dict(
         **optimizer, epochs=6, global_batch_size=32, micro_batches=1, seq_len=32768, cutoff_len=32768,
         seed=42, save_every=100, keep_last=2, chunk_size=512))
-    # Demo only: per-role overrides of the sft section for the "pretrain" stage.
+    # Demo only: per-role overrides of the sft section for the "pretrain" stage, plus `target` (the rows' field
+    # to learn, default "solution") and `recovery` (the share of rows read once more with one day written wrong,
+    # as untrained context, and the correct rest: pipeline/demo_data.recovery_example; default 0).
     config.pretrain = ml_collections.ConfigDict(dict(teacher=ml_collections.ConfigDict(),
                                                      student=ml_collections.ConfigDict()))
 

@@ -390,6 +390,16 @@ def test_recovery_examples_go_on_from_the_right_total():
     assert seg[0]["text"] in tok.decode(row.input_ids)  # the wrong day is context
 
 
+def test_a_recovery_share_outside_0_1_is_refused_by_name():
+    from configs import demo
+
+    config = demo.get_config("pretrain")
+    assert validate_config(config) == []
+    config.pretrain.teacher.recovery = 1.5
+    assert validate_config(config) == ["pretrain.teacher.recovery=1.5: must be a share in [0, 1] (of the pretrain "
+                                       "problems read once more with one day written wrong)"]
+
+
 def test_run_py_reports_a_missing_model_in_one_message(tmp_path):
     run = tmp_path / "run"
     result = subprocess.run([sys.executable, "run.py", "--config.stages=models", f"--config.run_dir={run}",

@@ -199,6 +199,10 @@ def validate_config(config: Any) -> list[str]:
         for role in ("teacher", "student"):
             merged = type(config.sft)(config.sft.to_dict() | config.pretrain[role].to_dict())
             problems += _training_problems(merged, f"pretrain.{role}")
+            recovery = config.pretrain[role].get("recovery", 0.0)
+            if not _is_number(recovery) or not 0 <= recovery <= 1:
+                problems.append(f"pretrain.{role}.recovery={recovery!r}: must be a share in [0, 1] (of the pretrain "
+                                "problems read once more with one day written wrong)")
     problems += _kd_problems(config.kd, runs, stages)
     problems += _eval_problems(config.eval, str(config.data.questions) == "demo")
     problems += multihost_problems(config, stages, jax.process_count())
