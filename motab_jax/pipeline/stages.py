@@ -142,7 +142,9 @@ def run_pretrain_stage(config: Any, run_dir: Path, mesh: Mesh) -> dict[str, Any]
         if target not in rows[0]:
             raise KeyError(f"pretrain.{role}.target={target!r}: the demo's rows have no such field; fields: "
                            f"{sorted(rows[0])}")
-        prompt = lambda r: [{"role": "user", "content": question_content(r["problem"], config.synthesis.instruction)}]  # noqa: E731
+        def prompt(row: dict[str, Any]) -> list[dict[str, str]]:
+            return [{"role": "user", "content": question_content(row["problem"], config.synthesis.instruction)}]
+
         examples = [Example(id=r["id"], response=r[target], prompt=prompt(r)) for r in rows]
         examples += _recovery_examples(rows, prompt, float(section.get("recovery", 0.0)), section.seed,
                                        config.synthesis.delimiter)
