@@ -240,7 +240,7 @@ def run_cross_engine(spec: EngineSpec, student: Decoder, teacher: Decoder, stude
     slots: list[_Trajectory | None] = [None] * num_slots
 
     def drop(slot: int) -> None:
-        """A preempted slot's trajectory is discarded; its rerun rebuilds it from the job."""
+        """The slot's trajectory leaves its slot (finished, or preempted: its rerun rebuilds it from the job)."""
         slots[slot] = None
         for side in sides.values():
             side.held[slot] = []
@@ -264,10 +264,8 @@ def run_cross_engine(spec: EngineSpec, student: Decoder, teacher: Decoder, stude
         for i, traj in enumerate(slots):
             if traj is not None and traj.mode == DONE:
                 at_capacity += traj.at_capacity
-                slots[i] = None
                 book.finish(i)
-                for side in sides.values():
-                    side.held[i] = []
+                drop(i)
                 yield traj.job, build_cross_record(traj, student_tokenizer, teacher_tokenizer, policy=policy,
                                                    revise=cfg["revise"])
     if counters is not None:

@@ -201,9 +201,6 @@ class SlotBook(Generic[JobT]):
                 pool.ensure(slot, needs[slot])
         return preempted
 
-    def trim(self, pool_name: str, slot: int, num_tokens: int) -> None:
-        self.pools[pool_name].trim(slot, num_tokens)
-
     def finish(self, slot: int) -> JobT:
         """The slot's trajectory ended and its record was read: free its slot and pages."""
         job = self.jobs[slot]
