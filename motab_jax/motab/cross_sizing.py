@@ -36,7 +36,7 @@ from typing import Any, Mapping, Sequence
 
 from motab_jax.models.config import ModelConfig
 from motab_jax.models.paged_cache import kv_bytes_per_token
-from motab_jax.motab.pool import GIB, WORKSPACE_FRACTION, pages_for
+from motab_jax.motab.pool import GIB, WORKSPACE_FRACTION, min_pool_pages, pages_for
 from motab_jax.sampling.sampler import bucket
 
 RATIO_TEXTS = 32  # how many texts the ratio is measured on (~0.2 s with both tokenizers)
@@ -182,9 +182,9 @@ def plan_text_path(cfg: Mapping[str, Any], student: ModelConfig, teacher: ModelC
     student_len, teacher_len, per_slot = slot_bytes(cfg, student, teacher, ratio)
     per_seq = {"student": pages_for(student_len, page), "teacher": pages_for(teacher_len, page)}
     # The teacher's prompt is the same question in its tokens (its own template aside): the ratio's share.
-    prompt = {"student": pages_for(int(cfg["max_prompt_len"]), page),
-              "teacher": pages_for(math.ceil(ratio * int(cfg["max_prompt_len"])), page)}
-    least = {k: per_seq[k] + (wanted - 1) * prompt[k] + 1 for k in per_seq}
+    prompt = {"student": int(cfg["max_prompt_len"]), "teacher": math.ceil(ratio * int(cfg["max_prompt_len"]))}
+    length = {"student": student_len, "teacher": teacher_len}
+    least = {k: min_pool_pages(length[k], prompt[k], wanted, page) for k in per_seq}
     if int(cfg.get("num_pages") or 0):
         pages = {k: int(cfg["num_pages"]) for k in per_seq}
         free_bytes, where = 0.0, f"num_pages={int(cfg['num_pages'])}"

@@ -35,6 +35,12 @@ def pages_for(tokens: int, page_size: int) -> int:
     return -(-tokens // page_size)
 
 
+def min_pool_pages(max_len: int, max_prompt_len: int, slots: int, page_size: int) -> int:
+    """The least pages a pool of `slots` slots may have: one trajectory at `max_len`, every other slot's prompt of
+    `max_prompt_len`, and the null page (below it one trajectory could not finish even with the others preempted)."""
+    return pages_for(max_len, page_size) + (slots - 1) * pages_for(max_prompt_len, page_size) + 1
+
+
 def memory_over_devices(free: bool = False, local: bool = False) -> tuple[float, bool]:
     """(bytes, on accelerators): the accelerators' memory summed over devices (with `free`, less what is in use
     now, e.g. by a training state), or, on CPU, the host's RAM; 0 when unknown. `local`: over this process's
@@ -102,7 +108,7 @@ class PoolPlan:
     @property
     def min_pages(self) -> int:
         """Per group: one trajectory at max_len, every other slot's prompt, and the null page."""
-        return self.pages_per_seq + (self.slots_per_group - 1) * pages_for(self.max_prompt_len, self.page_size) + 1
+        return min_pool_pages(self.max_len, self.max_prompt_len, self.slots_per_group, self.page_size)
 
     @property
     def pool_bytes(self) -> float:
