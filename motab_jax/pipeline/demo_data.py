@@ -91,8 +91,8 @@ def recovery_example(solution: str, rng: random.Random, delimiter: str = ".\n\n"
     # Half the time the misconception's own slip (a ten lost or gained) when it is a two-digit number.
     tens = sorted(c for c in wrong if abs(c - right_value) == 10)
     value = rng.choice(tens) if tens and rng.random() < 0.5 else rng.choice(sorted(wrong))
-    steps = steps[:k] + [f"Day {day}: {total}{sign}{change}={value}"]
-    return delimiter.join(steps) + delimiter, delimiter.join(solution.split(delimiter)[k + 1:])
+    wrong_day = f"Day {day}: {total}{sign}{change}={value}"
+    return delimiter.join(steps[:k] + [wrong_day]) + delimiter, delimiter.join(steps[k + 1:])
 
 
 def write_demo_data(folder: str | Path, train: int = 256, held_out: int = 40, seed: int = 0,
